@@ -1,0 +1,93 @@
+"""Fields shared by every config, and the argument parser for ``get_config(arg)``.
+
+Configs are Python files returning an ``ml_collections.ConfigDict`` (big_vision style). Every field
+is overridable on the command line, e.g. ``--config.train.num_steps=200``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, positional: str | None = None, **defaults) -> ml_collections.ConfigDict:
+    """Parses ``"gtsrb,quick"`` or ``"dataset=gtsrb,size=gpu"`` into a ConfigDict of ``defaults``.
+
+    ``key=value`` sets any key (converted to the default's type); a bare word that names a boolean
+    key sets it to True (``quick``); any other bare word sets the ``positional`` key (``gtsrb``).
+    """
+    out = ml_collections.ConfigDict(dict(defaults))
+    for token in filter(None, (arg or "").split(",")):
+        key, value = token.split("=", 1) if "=" in token else (None, token)
+        if key is None and isinstance(defaults.get(value), bool):
+            out[value] = True
+            continue
+        key = key or positional
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {token!r}; known keys: {sorted(defaults)}.")
+        default = defaults[key]
+        out[key] = value in ("1", "true", "True") if isinstance(default, bool) else type(default)(value)
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The defaults every setting starts from (a CPU-sized resnet8 run)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data_dir = ""  # empty: $PUDNET_DATA_DIR, else ../shared/data beside the repo
+    c.cache_dir = ""  # empty: ~/.cache/pudnet_jax (never the read-only data dir)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.target = "resnet8"
+    c.model.num_classes = 20  # largest way the predictor handles in meta-training
+    c.model.image_size = 32
+    c.model.channels = 3
+
+    c.hyper = ml_collections.ConfigDict()
+    c.hyper.encoder_widths = (32, 64, 128, 128)
+    c.hyper.feature_dim = 128
+    c.hyper.sketch_dim = 128
+    c.hyper.hidden_dim = 256
+    c.hyper.code_rank = 32
+    c.hyper.max_channels = 512
+    c.hyper.recurrent = True
+    c.hyper.sketch_conditioning = True
+    c.hyper.prototype_classifier = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.setting = "intra"  # intra | inter
+    c.data.dataset = "omniglot"  # intra: the dataset whose unseen classes are evaluated
+    c.data.held_out = "cifar10"  # inter: the dataset never seen in meta-training
+    c.data.split_seed = 0
+    c.data.way = 20
+    c.data.min_way = 0  # >0: draw the way per task from [min_way, way]
+    c.data.shots = 5  # support images per class the hypernetwork sees in meta-training
+    c.data.queries = 5  # query images per class for the meta-training loss
+    c.data.tasks_per_batch = 4
+    c.data.augment = False
+    c.data.num_val_tasks = 10
+    c.data.num_eval_tasks = 100
+    c.data.predict_shots = 15  # per class, the sample `predict` sees at evaluation time
+    c.data.eval_task_seed = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 20_000
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 200
+    c.train.end_lr_fraction = 0.01
+    c.train.weight_decay = 1e-4
+    c.train.grad_clip = 1.0
+    c.train.log_every = 20
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.tensorboard = False
+    c.train.progress_bar = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64  # target training batch for the from-scratch / fine-tune baselines
+    c.eval.scratch_epochs = 20
+    c.eval.scratch_lrs = (3e-4, 1e-3, 3e-3)
+    c.eval.finetune_epochs = 5
+    c.eval.finetune_lr = 3e-4
+    c.eval.num_baseline_tasks = 10  # tasks on which the (slow) training baselines run
+    return c

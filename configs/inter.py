@@ -1,0 +1,50 @@
+"""Inter-dataset setting: meta-train on tasks from some datasets, predict a whole unseen dataset.
+
+Commands (from the repo root):
+
+  python -m pudnet_jax.main --config=configs/inter.py --workdir=runs/inter_cifar10
+  python -m pudnet_jax.main --config=configs/inter.py:fashion_mnist --workdir=runs/inter_fmnist
+  python -m pudnet_jax.main --config=configs/inter.py:quick --workdir=/tmp/quick_inter
+
+Arguments: the held-out dataset (cifar10 [default], fashion_mnist, gtsrb, omniglot); ``quick``;
+``size=gpu`` (ResNet-18 target). Meta-training draws 10-way tasks from the other datasets; the
+held-out one is predicted whole from ``predict_shots`` (100) training images per class and scored
+on its full test split.
+"""
+
+from configs.common import base_config, parse_arg
+
+
+def get_config(arg=None):
+    """Returns the inter-dataset config; see the module docstring for ``arg``."""
+    args = parse_arg(arg, positional="held_out", held_out="cifar10", quick=False, size="cpu")
+    c = base_config()
+    c.data.setting = "inter"
+    c.data.held_out = args.held_out
+    c.data.dataset = ""
+    c.data.way = 10
+    c.data.min_way = 5
+    c.data.shots = 10
+    c.data.queries = 10
+    c.data.predict_shots = 100
+    c.data.augment = True
+    # Meta-training heads are 10-way; the hypernetwork's parameters do not depend on the class
+    # count, so evaluation predicts a head with as many classes as the held-out dataset has.
+    c.model.num_classes = c.data.way
+    if args.size == "gpu":
+        c.model.target = "resnet18"
+        c.data.tasks_per_batch = 8
+        c.train.num_steps = 50_000
+    elif args.size != "cpu":
+        raise ValueError(f"size must be 'cpu' or 'gpu', got {args.size!r}.")
+    if args.quick:
+        c.train.num_steps = 300
+        c.train.warmup_steps = 20
+        c.train.eval_every = 100
+        c.train.checkpoint_every = 100
+        c.data.tasks_per_batch = 2
+        c.data.num_val_tasks = 4
+        c.hyper.encoder_widths = (32, 32, 64, 64)
+        c.hyper.hidden_dim = 128
+        c.hyper.code_rank = 16
+    return c

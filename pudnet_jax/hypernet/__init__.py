@@ -1,0 +1,30 @@
+"""The PudNet hypernetwork: set encoder, weight-shared recurrent cell, parameter head."""
+
+from __future__ import annotations
+
+from pudnet_jax.hypernet.pudnet import PudNet, abstract_target_variables, target_specs
+
+__all__ = ["PudNet", "abstract_target_variables", "build_hypernet", "target_specs"]
+
+
+def build_hypernet(config, num_classes: int | None = None) -> PudNet:
+    """Builds the hypernetwork described by ``config.model`` and ``config.hyper``.
+
+    ``num_classes`` overrides ``config.model.num_classes``: the hypernetwork's parameters do not
+    depend on the class count, so one trained hypernetwork predicts heads of any size.
+    """
+    model, hyper = config.model, config.hyper
+    return PudNet(
+        target_name=model.target,
+        num_classes=int(num_classes if num_classes is not None else model.num_classes),
+        image_shape=(model.image_size, model.image_size, model.channels),
+        encoder_widths=tuple(hyper.encoder_widths),
+        feature_dim=hyper.feature_dim,
+        sketch_dim=hyper.sketch_dim,
+        hidden_dim=hyper.hidden_dim,
+        code_rank=hyper.code_rank,
+        max_channels=hyper.max_channels,
+        recurrent=hyper.recurrent,
+        sketch_conditioning=hyper.sketch_conditioning,
+        prototype_classifier=hyper.prototype_classifier,
+    )

@@ -1,0 +1,135 @@
+"""PudNet: dataset batch -> complete Flax variables of the target network, in one forward pass.
+
+    images, labels, mask
+      -> SetEncoder            features, class prototypes, dataset sketch s
+      -> LayerRecurrence       one GRU cell scanned over the target's tensors, conditioned on s
+      -> ParameterHead         conv kernels + BatchNorm scale/bias in the target's exact tree
+      -> BatchNorm pass        one masked forward pass of the target over the same batch fills
+                               batch_stats and yields the target's own penultimate features
+      -> prototype classifier  Dense rows = class means of those features (ProtoNet as a linear
+                               layer), so any class count works and relabelling permutes columns
+      -> {'params', 'batch_stats'}
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
+from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
+from pudnet_jax.hypernet.head import ParameterHead
+from pudnet_jax.hypernet.layers import descriptor_features, describe_target
+from pudnet_jax.models import get_target
+
+# Logit bias for classes with no example in the batch (variable-way meta-training pads classes).
+ABSENT_CLASS_BIAS = -1e9
+
+
+@functools.lru_cache(maxsize=32)
+def target_specs(target_name: str, num_classes: int, image_shape: tuple[int, ...]):
+    """Cached ``describe_target`` (static: runs once per architecture, at trace time)."""
+    return describe_target(get_target(target_name, num_classes), image_shape)
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_target_variables(target_name: str, num_classes: int, image_shape: tuple[int, ...]):
+    """``jax.eval_shape(target.init)``: the exact tree every prediction must have."""
+    target = get_target(target_name, num_classes)
+    return jax.eval_shape(functools.partial(target.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, *image_shape), jnp.float32))
+
+
+class PudNet(nn.Module):
+    """The hypernetwork. ``apply(variables, images, labels, mask)`` returns target variables.
+
+    Attributes:
+      target_name: preset in ``pudnet_jax.models.PRESETS``.
+      num_classes: classes of the target's head (the largest label + 1 the predictor accepts).
+      image_shape: ``(H, W, C)`` of the target's input.
+      encoder_widths, feature_dim, sketch_dim: set-encoder sizes.
+      hidden_dim: width of the recurrent cell.
+      code_rank, max_channels: parameter-head sizes (see ``ParameterHead``).
+      recurrent: ablation switch; False embeds each layer independently.
+      sketch_conditioning: ablation switch; False removes the sketch from the cell.
+      prototype_classifier: ablation switch; False generates the classifier from the encoder's
+        prototypes with a learned map instead of using the target's own feature means.
+    """
+
+    target_name: str
+    num_classes: int
+    image_shape: tuple[int, ...] = (32, 32, 3)
+    encoder_widths: Sequence[int] = (32, 64, 128, 128)
+    feature_dim: int = 128
+    sketch_dim: int = 128
+    hidden_dim: int = 256
+    code_rank: int = 32
+    max_channels: int = 512
+    recurrent: bool = True
+    sketch_conditioning: bool = True
+    prototype_classifier: bool = True
+
+    @nn.compact
+    def __call__(self, images, labels, mask):
+        image_shape = tuple(self.image_shape)
+        specs = target_specs(self.target_name, self.num_classes, image_shape)
+        _, prototypes, _, sketch = SetEncoder(
+            self.encoder_widths, self.feature_dim, self.sketch_dim, name="encoder"
+        )(images, labels, mask, self.num_classes)
+
+        layer_model = LayerRecurrence if self.recurrent else IndependentLayers
+        embeddings = layer_model(self.hidden_dim, self.sketch_conditioning, name="layers")(
+            jnp.asarray(descriptor_features(specs)), sketch)
+        body_specs = tuple(s for s in specs if not s.kind.startswith("dense"))
+        body_rows = jnp.array([i for i, s in enumerate(specs) if not s.kind.startswith("dense")])
+        params = ParameterHead(body_specs, self.code_rank, self.max_channels, name="head")(
+            embeddings[body_rows])
+
+        # One masked forward pass in train mode with momentum 0 writes the batch's exact
+        # statistics into batch_stats; its output is the target's penultimate features.
+        abstract = abstract_target_variables(self.target_name, self.num_classes, image_shape)
+        init_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["batch_stats"])
+        stats_target = get_target(self.target_name, self.num_classes, bn_momentum=0.0, parent=None)
+        target_features, updates = stats_target.apply(
+            {"params": params, "batch_stats": init_stats}, images, train=True, mask=mask,
+            features_only=True, mutable=["batch_stats"])
+
+        dense_specs = [s for s in specs if s.kind.startswith("dense")]
+        dense_path = dense_specs[0].path[:-1]
+        kernel, bias = self._classifier(target_features, prototypes, sketch, labels, mask,
+                                        embeddings[jnp.array([i for i, s in enumerate(specs)
+                                                              if s.kind == "dense_kernel"])][0])
+        node = params
+        for key in dense_path[:-1]:
+            node = node.setdefault(key, {})
+        node[dense_path[-1]] = {"kernel": kernel, "bias": bias}
+        return {"params": params, "batch_stats": updates["batch_stats"]}
+
+    def _classifier(self, target_features, encoder_prototypes, sketch, labels, mask, dense_embedding):
+        """Dense kernel ``[D, K]`` and bias ``[K]``, one column per class, equivariant to relabelling."""
+        feature_means, counts = class_prototypes(target_features, labels, mask, self.num_classes)
+        if self.prototype_classifier:
+            # -tau * ||f - mu_c||^2 = tau * (2 f.mu_c - ||mu_c||^2) - tau ||f||^2: the last term is
+            # the same for every class, so a Dense layer computes the ProtoNet decision exactly.
+            dim = target_features.shape[-1]
+            tau = jnp.exp(self.param("log_temperature", nn.initializers.zeros, ())) * (16.0 / dim)
+            kernel = 2.0 * tau * feature_means.T
+            bias = -tau * jnp.sum(feature_means**2, axis=-1)
+        else:
+            # Ablation: columns generated from the encoder's prototypes (and the Dense layer's
+            # embedding from the recurrent cell) through learned maps; no target features used.
+            dim = target_features.shape[-1]
+            rows = jnp.concatenate([
+                encoder_prototypes,
+                jnp.broadcast_to(sketch, (self.num_classes, sketch.shape[-1])),
+                jnp.broadcast_to(dense_embedding, (self.num_classes, dense_embedding.shape[-1])),
+            ], axis=-1)
+            hidden = nn.gelu(nn.Dense(256, name="classifier_hidden")(rows))
+            kernel = nn.Dense(dim, name="classifier_kernel")(hidden).T / jnp.sqrt(dim)
+            bias = nn.Dense(1, name="classifier_bias")(hidden)[:, 0]
+        bias = jnp.where(counts > 0, bias, ABSENT_CLASS_BIAS)
+        return kernel, bias

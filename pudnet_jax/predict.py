@@ -1,0 +1,150 @@
+"""Public API: predict a target network's variables for a dataset in one forward pass.
+
+Two levels:
+
+- ``make_predict_fn(config)`` returns the pure function
+  ``predict(hyper_params, dataset_batch) -> {'params', 'batch_stats'}``. Its input is the
+  preprocessed batch (float32 ``[N, H, W, C]`` at the target's input shape, normalised); it can be
+  jitted, vmapped over a leading task axis and differentiated (meta-training does all three).
+- ``load_predictor(path)`` returns a ``Predictor`` holding a trained hypernetwork. It takes raw
+  images (uint8 or float, any size, 1 or 3 channels), preprocesses them as meta-training did, and
+  checks its input (``pudnet_jax.validation``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pudnet_jax.hypernet import build_hypernet
+from pudnet_jax.models import get_target
+from pudnet_jax.validation import check_dataset_batch
+
+Variables = dict[str, Any]
+
+
+def make_predict_fn(config, num_classes: int | None = None) -> Callable[[Any, Mapping], Variables]:
+    """Returns ``predict(hyper_params, dataset_batch) -> variables`` for ``config``.
+
+    Args:
+      config: the run's ``ConfigDict`` (``config.model``, ``config.hyper``).
+      num_classes: classes of the predicted head; defaults to ``config.model.num_classes``.
+        Labels must lie in ``0..num_classes-1``; classes above the largest label are given a
+        bias of ``-1e9`` so they are never predicted.
+
+    ``hyper_params`` is the hypernetwork's ``{'params': ...}``. ``dataset_batch`` is
+    ``{'image': float32 [N, H, W, C], 'label': int [N], 'mask': bool [N] (optional)}``.
+    """
+    hypernet = build_hypernet(config, num_classes)
+    image_shape = tuple(hypernet.image_shape)
+
+    def predict(hyper_params, dataset_batch: Mapping) -> Variables:
+        check_dataset_batch(dataset_batch, hypernet.num_classes, image_shape)
+        images = jnp.asarray(dataset_batch["image"], jnp.float32)
+        labels = jnp.asarray(dataset_batch["label"], jnp.int32)
+        mask = dataset_batch.get("mask")
+        mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask, bool)
+        return hypernet.apply(hyper_params, images, labels, mask)
+
+    return predict
+
+
+def init_hyper_params(config, rng, num_classes: int | None = None):
+    """Initial hypernetwork variables (``{'params': ...}``) for ``config``."""
+    hypernet = build_hypernet(config, num_classes)
+    n = 2 * hypernet.num_classes
+    images = jnp.zeros((n, *hypernet.image_shape), jnp.float32)
+    labels = jnp.arange(n, dtype=jnp.int32) % hypernet.num_classes
+    return jax.jit(hypernet.init)(rng, images, labels, jnp.ones((n,), bool))
+
+
+def preprocess_images(images, image_size: int, channels: int) -> np.ndarray:
+    """Raw uint8/float ``[N, H, W, C]`` -> float32 ``[N, image_size, image_size, channels]`` in [0, 1].
+
+    Float input is taken as already in [0, 1] (values are standardised afterwards, so only the
+    relative scale matters).
+    """
+    from pudnet_jax.data.preprocess import to_model_input  # data layer owns resizing
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+        images = np.round(images * 255.0).astype(np.uint8)
+    return to_model_input(images, image_size=image_size, channels=channels)
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A trained hypernetwork with its config: ``predict`` raw datasets, ``apply`` the result.
+
+    ``predict`` returns the target's ``{'params', 'batch_stats'}`` plus a ``'preprocess'``
+    collection holding the per-channel mean/std computed from the dataset batch;
+    ``target.apply`` ignores it and ``Predictor.apply`` uses it to normalise new images the
+    same way.
+    """
+
+    config: Any
+    hyper_params: Any
+    # Compiled functions per class count: one Predictor compiles each shape once.
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.model.image_size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.config.model.channels)
+
+    def target(self, num_classes: int):
+        return get_target(self.config.model.target, num_classes)
+
+    def predict(self, dataset_batch: Mapping) -> Variables:
+        """Raw ``{'image', 'label', 'mask'?}`` -> variables for a ``num_classes = max label + 1`` head."""
+        num_classes = check_dataset_batch(dataset_batch)
+        images = preprocess_images(dataset_batch["image"], self.image_size, self.channels)
+        mask = dataset_batch.get("mask")
+        valid = np.ones(len(images), bool) if mask is None else np.asarray(mask, bool)
+        mean = images[valid].mean(axis=(0, 1, 2))
+        std = images[valid].std(axis=(0, 1, 2)) + 1e-3
+        batch = {"image": (images - mean) / std,
+                 "label": np.asarray(dataset_batch["label"], np.int32), "mask": valid}
+        if ("predict", num_classes) not in self._compiled:
+            self._compiled["predict", num_classes] = jax.jit(make_predict_fn(self.config, num_classes))
+        variables = self._compiled["predict", num_classes](self.hyper_params, batch)
+        return {**variables, "preprocess": {"mean": jnp.asarray(mean), "std": jnp.asarray(std)}}
+
+    def apply(self, variables: Variables, images, batch_size: int = 1000) -> jax.Array:
+        """Logits ``[N, K]`` of the predicted network on raw images (evaluated in chunks)."""
+        num_classes = variables["params"]["Dense_0"]["bias"].shape[0]
+        x = preprocess_images(images, self.image_size, self.channels)
+        pre = variables["preprocess"]
+        x = (x - np.asarray(pre["mean"])) / np.asarray(pre["std"])
+        if ("apply", num_classes) not in self._compiled:
+            target = self.target(num_classes)
+            self._compiled["apply", num_classes] = jax.jit(
+                lambda v, x: target.apply(v, x, train=False))
+        apply_fn = self._compiled["apply", num_classes]
+        target_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        return jnp.concatenate([apply_fn(target_vars, x[i:i + batch_size])
+                                for i in range(0, len(x), batch_size)])
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """Loads a trained hypernetwork from an exported directory or a training workdir.
+
+    ``path`` is either an export (``config.json`` + ``hyper_params/``, as committed under
+    ``checkpoints/``) or a training workdir (restores its best, else latest, checkpoint).
+
+    Raises:
+      FileNotFoundError: if ``path`` holds neither.
+    """
+    from pudnet_jax import checkpoints  # avoids importing Orbax for users of make_predict_fn only
+
+    return checkpoints.load_predictor(path)

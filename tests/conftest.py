@@ -1,0 +1,28 @@
+"""Test set-up: 4 fake CPU devices so the multi-device (mesh) path runs on one CPU.
+
+``jax_num_cpu_devices`` must be set before JAX initialises its backends, hence at import time here.
+"""
+
+import os
+import sys
+
+import jax
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+jax.config.update("jax_num_cpu_devices", 4)
+
+
+@pytest.fixture
+def tiny_config():
+    """A small but complete config: resnet8 target, narrow hypernetwork."""
+    from configs.common import base_config
+
+    c = base_config()
+    c.model.num_classes = 5
+    c.hyper.encoder_widths = (8, 16)
+    c.hyper.feature_dim = 32
+    c.hyper.sketch_dim = 32
+    c.hyper.hidden_dim = 32
+    c.hyper.code_rank = 8
+    return c

@@ -1,0 +1,136 @@
+"""Core behaviour of the hypernetwork and the public predict function."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pudnet_jax.hypernet import abstract_target_variables, build_hypernet
+from pudnet_jax.models import get_target
+from pudnet_jax.predict import init_hyper_params, make_predict_fn
+
+
+def _batch(n, k, seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % k
+    rng.shuffle(labels)
+    # Class-dependent images, so prototypes differ between classes.
+    images = rng.normal(size=(n, size, size, 3)).astype(np.float32) + labels[:, None, None, None] * 0.3
+    return {"image": images, "label": labels.astype(np.int32), "mask": np.ones(n, bool)}
+
+
+@pytest.mark.parametrize("target", ["resnet8", "resnet18", "convnet4"])
+@pytest.mark.parametrize("num_classes", [2, 10, 100])
+def test_predicted_tree_matches_target_init(tiny_config, target, num_classes):
+    tiny_config.model.target = target
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(0), num_classes)
+    predict = make_predict_fn(tiny_config, num_classes)
+    batch = _batch(num_classes * 2, num_classes, size=32)
+    predicted = jax.eval_shape(predict, hyper_params, batch)
+    expected = abstract_target_variables(target, num_classes, (32, 32, 3))
+    assert jax.tree.structure(predicted) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(predicted), jax.tree.leaves(expected)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("target", ["resnet8", "convnet4"])
+def test_predicted_variables_run_and_give_finite_logits(tiny_config, target):
+    tiny_config.model.target = target
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(0))
+    batch = _batch(20, 5)
+    variables = jax.jit(make_predict_fn(tiny_config))(hyper_params, batch)
+    logits = get_target(target, 5).apply(variables, batch["image"], train=False)
+    assert logits.shape == (20, 5)
+    assert np.isfinite(np.asarray(logits)).all()
+    # BatchNorm statistics are the batch's own, not the initial zeros/ones.
+    stats = variables["batch_stats"]["bn_init" if target == "resnet8" else "BatchNorm_0"]
+    assert np.abs(np.asarray(stats["mean"])).max() > 0
+
+
+def test_relabelling_permutes_logit_columns(tiny_config):
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(1))
+    predict = jax.jit(make_predict_fn(tiny_config))
+    batch = _batch(25, 5)
+    perm = np.array([3, 0, 4, 1, 2])  # class c becomes perm[c]
+    relabelled = {**batch, "label": perm[batch["label"]].astype(np.int32)}
+    target = get_target("resnet8", 5)
+    logits = target.apply(predict(hyper_params, batch), batch["image"], train=False)
+    logits_relabelled = target.apply(predict(hyper_params, relabelled), batch["image"], train=False)
+    np.testing.assert_allclose(np.asarray(logits_relabelled)[:, perm], np.asarray(logits), rtol=1e-4, atol=1e-4)
+
+
+def test_shuffling_and_masked_padding_leave_output_unchanged(tiny_config):
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(2))
+    predict = jax.jit(make_predict_fn(tiny_config))
+    batch = _batch(20, 5)
+    reference = predict(hyper_params, batch)
+
+    order = np.random.default_rng(3).permutation(20)
+    shuffled = {k: v[order] for k, v in batch.items()}
+    chex.assert_trees_all_close(predict(hyper_params, shuffled), reference, rtol=1e-4, atol=1e-5)
+
+    padding = _batch(7, 5, seed=9)  # garbage rows with real-looking values, masked out
+    padded = {k: np.concatenate([batch[k], padding[k]]) for k in batch}
+    padded["mask"][20:] = False
+    padded["image"][20:] *= 100.0
+    chex.assert_trees_all_close(predict(hyper_params, padded), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_cell_parameters_are_shared_across_depth(tiny_config):
+    counts = {}
+    for target in ["resnet8", "resnet14"]:  # same widths, 1 vs 2 blocks per stage
+        tiny_config.model.target = target
+        params = init_hyper_params(tiny_config, jax.random.key(0))
+        counts[target] = sum(x.size for x in jax.tree.leaves(params))
+        cell = params["params"]["layers"]["cell"]
+        # nn.scan broadcast: the cell's kernels have no layer axis.
+        assert cell["gru"]["ir"]["kernel"].ndim == 2
+    assert counts["resnet8"] == counts["resnet14"]
+
+
+def test_hypernetwork_size_for_resnet18_is_under_budget():
+    from configs.common import base_config
+
+    config = base_config()
+    config.model.target = "resnet18"
+    hypernet = build_hypernet(config, 10)
+    batch = _batch(20, 10)
+    shapes = jax.eval_shape(hypernet.init, jax.random.key(0), batch["image"], batch["label"], batch["mask"])
+    num_params = sum(x.size for x in jax.tree.leaves(shapes))
+    target_params = sum(x.size for x in jax.tree.leaves(abstract_target_variables("resnet18", 10, (32, 32, 3))["params"]))
+    assert num_params <= 5_000_000 < target_params
+
+
+def test_jitted_predict_does_not_retrace(tiny_config):
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(0))
+    predict = make_predict_fn(tiny_config)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def traced_predict(params, batch):
+        return predict(params, batch)
+
+    traced_predict(hyper_params, _batch(20, 5, seed=0))
+    traced_predict(hyper_params, _batch(20, 5, seed=1))
+
+
+def test_predict_is_vmappable_over_tasks(tiny_config):
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(0))
+    predict = make_predict_fn(tiny_config)
+    tasks = [_batch(10, 5, seed=s) for s in range(3)]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *tasks)
+    batched = jax.jit(jax.vmap(predict, in_axes=(None, 0)))(hyper_params, stacked)
+    single = jax.jit(predict)(hyper_params, tasks[1])
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], batched), single, rtol=1e-4, atol=1e-5)
+
+
+def test_ablations_build_and_predict(tiny_config):
+    for switch in ["recurrent", "sketch_conditioning", "prototype_classifier"]:
+        config = tiny_config.copy_and_resolve_references()
+        config.hyper[switch] = False
+        params = init_hyper_params(config, jax.random.key(0))
+        variables = jax.jit(make_predict_fn(config))(params, _batch(10, 5))
+        assert np.isfinite(np.asarray(variables["params"]["Dense_0"]["kernel"])).all()
