@@ -1,0 +1,264 @@
+"""Meta-training tasks: the batch format and the random-access `TaskSampler`.
+
+Batch format (the contract with the model code). A task is
+
+    {'support': {'image': f32[Ns,H,W,C], 'label': i32[Ns], 'mask': bool[Ns]},
+     'query':   {'image': f32[Nq,H,W,C], 'label': i32[Nq], 'mask': bool[Nq]}}
+
+with Ns = max_way * shots and Nq = max_way * queries fixed, so one compiled step serves tasks
+of any way K <= max_way. Labels are 0..K-1 in a random class order per task; rows are
+class-major (the S support rows of class 0, then class 1, ...); padding rows have mask False,
+label 0 and zero images. A batch of T tasks stacks every array on a leading task axis [T, ...].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from pudnet_jax.data import preprocess, splits
+from pudnet_jax.data.prefetch import PrefetchIterator
+
+# Whether a horizontal flip keeps an image in its class. Not for Omniglot (a mirrored
+# character is another character), GTSRB (mirroring turns "keep left" into "keep right" and
+# breaks the text of signs) or SVHN digits; fine for natural images and clothes.
+FLIP_PRESERVES_CLASS = {'omniglot': False, 'gtsrb': False, 'svhn': False,
+                        'cifar10': True, 'cifar100': True, 'fashion_mnist': True}
+CROP_PADDING = 4  # random crop of the zero-padded image (0 = the dataset mean after normalising)
+
+
+def as_dataset_batch(images: np.ndarray, labels: np.ndarray, max_way: int | None = None,
+                     num_rows: int | None = None) -> dict[str, np.ndarray]:
+    """Pads a labelled set into the batch format {'image','label','mask'}.
+
+    The row count is `num_rows` if given, else max_way (default: the number of classes K)
+    times the largest class count, so sets of the same shots but fewer classes share a shape.
+    Labels must already be 0..K-1.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(f'expected images [N,H,W,C] and labels [N]; got {images.shape} and '
+                         f'{labels.shape}')
+    n = len(labels)
+    if n and labels.min() < 0:
+        raise ValueError('labels must be 0..K-1; got negative labels')
+    counts = np.bincount(labels, minlength=1) if n else np.zeros(1, int)
+    num_classes = len(counts)
+    if max_way is not None and max_way < num_classes:
+        raise ValueError(f'max_way={max_way} is smaller than the {num_classes} classes present')
+    if num_rows is None:
+        num_rows = (max_way or num_classes) * int(counts.max())
+    if num_rows < n:
+        raise ValueError(f'num_rows={num_rows} cannot hold {n} images')
+    batch = _empty_set(num_rows, images.shape[1:])
+    batch['image'][:n] = images
+    batch['label'][:n] = labels
+    batch['mask'][:n] = True
+    return batch
+
+
+def _empty_set(rows: int, image_shape: tuple[int, ...], lead: tuple[int, ...] = ()) -> dict:
+    return {'image': np.zeros(lead + (rows, *image_shape), np.float32),
+            'label': np.zeros(lead + (rows,), np.int32),
+            'mask': np.zeros(lead + (rows,), bool)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassPool:
+    """Classes of one prepared dataset split that meta-training tasks may use.
+
+    flip=None takes FLIP_PRESERVES_CLASS[data.name] (False for unknown datasets).
+    """
+
+    data: preprocess.PreparedDataset
+    classes: tuple[int, ...]
+    flip: bool | None = None
+
+    def __post_init__(self):
+        classes = tuple(int(c) for c in self.classes)
+        missing = [c for c in classes if c not in self.data.class_indices]
+        if missing or not classes:
+            raise ValueError(f'{self.data.name}[{self.data.split}] pool: classes '
+                             f'{missing[:10] or "()"} have no images in this split')
+        object.__setattr__(self, 'classes', classes)
+        if self.flip is None:
+            object.__setattr__(self, 'flip', FLIP_PRESERVES_CLASS.get(self.data.name, False))
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+
+def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, **prepare_kwargs
+                     ) -> list[ClassPool]:
+    """The class pools of DESIGN.md section 4 for meta-training.
+
+    intra: one pool, the train split of `dataset` restricted to its split's meta_train classes.
+    inter: `dataset` is the held-out one; one pool per other dataset, all classes of its train
+      split (for Omniglot that is the background set: the evaluation alphabets stay unused).
+    prepare_kwargs go to `preprocess.prepare` (data_dir, image_size, channels, cache_dir, ...).
+    """
+    if setting == 'intra':
+        split = splits.class_split(dataset, split_seed, prepare_kwargs.get('data_dir'),
+                                   prepare_kwargs.get('backend', 'auto'))
+        return [ClassPool(preprocess.prepare(dataset, 'train', **prepare_kwargs),
+                          split.meta_train)]
+    if setting == 'inter':
+        pools = []
+        for source in splits.inter_split(dataset).sources:
+            data = preprocess.prepare(source, 'train', **prepare_kwargs)
+            pools.append(ClassPool(data, tuple(data.class_indices)))
+        return pools
+    raise ValueError(f"unknown setting {setting!r}; expected 'intra' or 'inter'")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskPlan:
+    pool: int
+    classes: np.ndarray  # original class ids in label order
+    support: np.ndarray  # [K*S] indices into the pool's dataset, class-major
+    query: np.ndarray  # [K*Q]
+
+
+class TaskSampler:
+    """Random-access sampler of meta-training task batches.
+
+    `batch(step)` is a pure function of (seed, step): task t of a batch uses
+    `np.random.default_rng([seed, step, t])`, so a run resumed at step k sees exactly the
+    batches of an uninterrupted run. Each task picks ONE pool (by `dataset_weights`), then K
+    classes (K uniform in the `way` range, capped at the pool's class count), then shots +
+    queries distinct images per class: support and query never share an image.
+    """
+
+    def __init__(self, pools: Sequence[ClassPool], way: int | tuple[int, int], shots: int,
+                 queries: int, tasks_per_batch: int, seed: int, augment: bool = False,
+                 dataset_weights: Sequence[float] | Mapping[str, float] | None = None):
+        if not pools:
+            raise ValueError('TaskSampler needs at least one ClassPool')
+        self.pools = tuple(pools)
+        ways = (way, way) if np.isscalar(way) else tuple(way)
+        if len(ways) != 2 or not 1 <= ways[0] <= ways[1]:
+            raise ValueError(f'way must be an int >= 1 or a (min, max) range; got {way}')
+        self.min_way, self.max_way = int(ways[0]), int(ways[1])
+        for what, value in (('shots', shots), ('queries', queries),
+                            ('tasks_per_batch', tasks_per_batch)):
+            if int(value) < 1:
+                raise ValueError(f'{what} must be >= 1; got {value}')
+        self.shots, self.queries = int(shots), int(queries)
+        self.tasks_per_batch, self.seed, self.augment = int(tasks_per_batch), int(seed), augment
+        self.image_shape = self.pools[0].data.images.shape[1:]
+        for pool in self.pools:
+            if pool.data.images.shape[1:] != self.image_shape:
+                raise ValueError(f'all pools must share one image shape; {pool.name} has '
+                                 f'{pool.data.images.shape[1:]}, expected {self.image_shape}')
+            short = [c for c in pool.classes
+                     if len(pool.data.class_indices[c]) < self.shots + self.queries]
+            if short:
+                raise ValueError(f'{pool.name}: classes {short[:10]} have fewer than shots + '
+                                 f'queries = {self.shots + self.queries} images')
+        self.weights = self._normalised_weights(dataset_weights)
+
+    def _normalised_weights(self, weights) -> np.ndarray:
+        if weights is None:
+            return np.full(len(self.pools), 1.0 / len(self.pools))
+        if isinstance(weights, Mapping):
+            unknown = set(weights) - {p.name for p in self.pools}
+            if unknown:
+                raise ValueError(f'dataset_weights names unknown datasets {sorted(unknown)}')
+            weights = [weights.get(p.name, 0.0) for p in self.pools]
+        w = np.asarray(weights, np.float64)
+        if w.shape != (len(self.pools),) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f'dataset_weights must be {len(self.pools)} non-negative numbers '
+                             f'(or a name -> weight dict) with a positive sum; got {weights}')
+        return w / w.sum()
+
+    @property
+    def num_support(self) -> int:
+        return self.max_way * self.shots
+
+    @property
+    def num_query(self) -> int:
+        return self.max_way * self.queries
+
+    def _plan(self, rng: np.random.Generator) -> _TaskPlan:
+        pool_index = int(rng.choice(len(self.pools), p=self.weights))
+        pool = self.pools[pool_index]
+        k = min(int(rng.integers(self.min_way, self.max_way + 1)), len(pool.classes))
+        # choice without replacement returns the classes in random order: that order is the
+        # per-task label remapping (label j <-> classes[j]).
+        classes = rng.choice(np.asarray(pool.classes), k, replace=False)
+        picks = np.stack([rng.choice(pool.data.class_indices[int(c)],
+                                     self.shots + self.queries, replace=False)
+                          for c in classes])  # [K, S+Q]
+        return _TaskPlan(pool_index, classes, picks[:, :self.shots].ravel(),
+                         picks[:, self.shots:].ravel())
+
+    def task_classes(self, step: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(dataset name, original class ids in label order) of each task of batch `step`."""
+        plans = [self._plan(self._rng(step, t)) for t in range(self.tasks_per_batch)]
+        return [(self.pools[p.pool].name, tuple(int(c) for c in p.classes)) for p in plans]
+
+    def _rng(self, step: int, task: int) -> np.random.Generator:
+        if step < 0:
+            raise ValueError(f'step must be >= 0; got {step}')
+        return np.random.default_rng([self.seed, int(step), task])
+
+    def batch(self, step: int, return_info: bool = False):
+        """The batch of tasks for `step` (see module docstring for the format).
+
+        With return_info=True, returns (batch, info): info[t] has the task's 'dataset',
+        'classes' (original ids in label order) and 'support_indices'/'query_indices' into
+        the pool's prepared split (the train split, for pools from meta_train_pools).
+        """
+        t_count = self.tasks_per_batch
+        batch = {'support': _empty_set(self.num_support, self.image_shape, (t_count,)),
+                 'query': _empty_set(self.num_query, self.image_shape, (t_count,))}
+        info = []
+        for t in range(t_count):
+            rng = self._rng(step, t)
+            plan = self._plan(rng)
+            pool = self.pools[plan.pool]
+            for part, idx, per_class in (('support', plan.support, self.shots),
+                                         ('query', plan.query, self.queries)):
+                images = pool.data.images[idx]
+                if self.augment:
+                    images = augment_images(images, rng, flip=pool.flip)
+                out, n = batch[part], len(idx)
+                out['image'][t, :n] = images
+                out['label'][t, :n] = np.repeat(np.arange(len(plan.classes)), per_class)
+                out['mask'][t, :n] = True
+            info.append({'dataset': pool.name, 'classes': tuple(int(c) for c in plan.classes),
+                         'support_indices': plan.support, 'query_indices': plan.query})
+        return (batch, info) if return_info else batch
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None,
+                prefetch: int = 2) -> PrefetchIterator:
+        """Batches start_step, start_step + 1, ... made ahead by a background thread.
+
+        Use as `with sampler.iterate(k) as it: for batch in it: ...` or call `close()`; the
+        queue holds at most `prefetch` batches.
+        """
+        stop = start_step + num_steps if num_steps is not None else None
+        return PrefetchIterator(self.batch, start_step, stop, prefetch)
+
+
+def augment_images(images: np.ndarray, rng: np.random.Generator, flip: bool,
+                   padding: int = CROP_PADDING) -> np.ndarray:
+    """Random crop of the zero-padded images and, if `flip`, random horizontal flips.
+
+    Vectorised: a sliding-window view of the padded images holds every possible crop, and one
+    fancy index picks each image's crop.
+    """
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dy = rng.integers(0, 2 * padding + 1, n)
+    dx = rng.integers(0, 2 * padding + 1, n)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
+    crops = windows[np.arange(n), dy, dx]  # [n, C, h, w], a copy
+    if flip:
+        mirrored = rng.random(n) < 0.5
+        crops[mirrored] = crops[mirrored, ..., ::-1]
+    return np.ascontiguousarray(np.moveaxis(crops, 1, -1))
