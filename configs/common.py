@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 500
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
+    c.train.task_loop = "unroll"  # unroll (fast on CPU) | vmap (grouped convs; try on GPU/TPU)
     c.train.tensorboard = False
     c.train.progress_bar = True
 

@@ -1,0 +1,191 @@
+"""Checkpointing: one module owns every read and write of model state (Orbax).
+
+Layout of a training workdir::
+
+    DIR/config.json           the run's config (checked against on resume)
+    DIR/checkpoints/<step>/   latest train states (params, optimiser state, step), for resume
+    DIR/best/<step>/          hypernetwork params with the best meta-val accuracy so far
+
+An *export* (what ``checkpoints/`` in the repo holds, and what ``load_predictor`` reads) is::
+
+    EXPORT/config.json
+    EXPORT/hyper_params/      Orbax StandardCheckpointer tree {'params': ...}
+    EXPORT/info.json          where the params came from (step, meta-val accuracy, command)
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a write
+killed midway leaves the previous checkpoint restorable (``cleanup_tmp_directories`` removes the
+debris on the next start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# The config sections that fix the hypernetwork's parameter shapes; a checkpoint can only be
+# restored under a config that agrees on these.
+ARCHITECTURE_FIELDS = ("hyper",)
+ARCHITECTURE_MODEL_FIELDS = ("image_size", "channels")
+
+
+class ArchitectureMismatchError(ValueError):
+    """A checkpoint was written for a hypernetwork of another shape than the config asks for."""
+
+
+def architecture_of(config) -> dict:
+    """The part of a config a checkpoint's parameter shapes depend on."""
+    arch = {k: config[k].to_dict() for k in ARCHITECTURE_FIELDS}
+    arch["model"] = {k: config.model[k] for k in ARCHITECTURE_MODEL_FIELDS}
+    return json.loads(json.dumps(arch))  # tuples -> lists, so saved and live configs compare
+
+
+def check_same_architecture(saved: dict, config, where: str) -> None:
+    """Raises ``ArchitectureMismatchError`` listing the fields that differ."""
+    saved_arch = architecture_of(ml_collections.ConfigDict(saved))
+    live_arch = architecture_of(config)
+    diffs = []
+    for section in live_arch:
+        for key in sorted(set(saved_arch[section]) | set(live_arch[section])):
+            a, b = saved_arch[section].get(key), live_arch[section].get(key)
+            if a != b:
+                diffs.append(f"{section}.{key}: checkpoint {a!r} vs config {b!r}")
+    if diffs:
+        raise ArchitectureMismatchError(
+            f"The checkpoint in {where} was written for another hypernetwork architecture:\n  "
+            + "\n  ".join(diffs) + "\nUse a fresh --workdir or a config matching the checkpoint.")
+
+
+def write_config(config, workdir: str) -> None:
+    """Writes ``config.json``; if one exists, first checks that the architecture matches it."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            check_same_architecture(json.load(f), config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json(indent=2))
+    os.replace(tmp, path)
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No config.json in {directory!r}: not a pudnet_jax workdir or export.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False,  # a step is seconds long; sync saves keep resume simple
+        cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class RunCheckpoints:
+    """Latest train states (for resume) and the best hypernetwork params (for evaluation)."""
+
+    def __init__(self, workdir: str, keep: int = 2):
+        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
+        self.best = _manager(os.path.join(workdir, "best"), 1)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Saves the train state with JSON metadata (e.g. the best meta-val accuracy so far)."""
+        self.latest.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self.latest.wait_until_finished()
+
+    def restore(self, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores the latest state into ``abstract_state``'s structure and shardings."""
+        step = self.latest.latest_step()
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.meta)
+
+    def save_best(self, step: int, hyper_params: Any, meta: dict) -> None:
+        self.best.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(hyper_params), meta=ocp.args.JsonSave(meta)), force=True)
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
+    """Hypernetwork params from an export or a workdir (best, else latest).
+
+    Returns ``(hyper_params, info)``. Raises ``FileNotFoundError`` if nothing is there and
+    ``ArchitectureMismatchError`` if the checkpoint's shapes do not fit ``config``.
+    """
+    from pudnet_jax.predict import init_hyper_params
+
+    abstract = jax.eval_shape(lambda: init_hyper_params(config, jax.random.key(0)))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+    export_dir = os.path.join(directory, "hyper_params")
+    try:
+        if os.path.isdir(export_dir):
+            params = ocp.StandardCheckpointer().restore(os.path.abspath(export_dir), abstract)
+            info_path = os.path.join(directory, "info.json")
+            info = json.load(open(info_path)) if os.path.exists(info_path) else {}
+            return params, info
+        for sub, key in (("best", "params"), ("checkpoints", "state")):
+            path = os.path.join(directory, sub)
+            if not os.path.isdir(path):
+                continue
+            manager = _manager(path, 1, read_only=True)
+            step = manager.latest_step()
+            if step is None:
+                continue
+            if key == "params":
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                return restored.params, {"step": step, "source": "best", **dict(restored.meta)}
+            from pudnet_jax.train import create_train_state
+
+            abstract_state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            return restored.state.params, {"step": step, "source": "latest"}
+    except (ValueError, KeyError) as e:
+        if isinstance(e, ArchitectureMismatchError):
+            raise
+        raise ArchitectureMismatchError(
+            f"Could not restore the hypernetwork from {directory!r} under its config: {e}") from e
+    raise FileNotFoundError(f"No hypernetwork checkpoint in {directory!r}: expected hyper_params/ "
+                            "(an export) or best/ or checkpoints/ (a training workdir).")
+
+
+def export_predictor(hyper_params: Any, config, directory: str, info: dict) -> None:
+    """Writes an export (config, params only, provenance) that ``load_predictor`` reads."""
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(os.path.join(directory, "hyper_params")),
+                      jax.device_get(hyper_params), force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    with open(os.path.join(directory, "info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def load_predictor(path: str | os.PathLike):
+    """See ``pudnet_jax.predict.load_predictor``."""
+    from pudnet_jax.predict import Predictor
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Predictor path {path!r} does not exist or is not a directory.")
+    config = read_config(path)
+    params, _ = restore_hyper_params(path, config)
+    return Predictor(config=config, hyper_params=params)

@@ -1,0 +1,89 @@
+"""Scoring predicted parameters on evaluation tasks (the zero-shot part of DESIGN.md section 4).
+
+The training baselines (Adam from scratch, fine-tuning, nearest prototype) live in
+``pudnet_jax.benchmark``; this module holds what both meta-training and the benchmark need.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pudnet_jax.models import get_target
+from pudnet_jax.predict import make_predict_fn
+
+
+def mean_and_ci95(values) -> dict:
+    """Mean and the half-width of a normal-approximation 95% interval over tasks."""
+    values = np.asarray(values, np.float64)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "ci95": float(half), "n": int(len(values))}
+
+
+@functools.lru_cache(maxsize=16)
+def _logits_fn(target_name: str, num_classes: int):
+    target = get_target(target_name, num_classes)
+    return jax.jit(lambda variables, x: target.apply(variables, x, train=False))
+
+
+def accuracy(target_name: str, variables, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``target.apply(variables, ., train=False)`` (chunked, fixed chunk shape)."""
+    num_classes = int(jax.tree.leaves(variables["params"]["Dense_0"]["bias"])[0].shape[0])
+    logits_fn = _logits_fn(target_name, num_classes)
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        n = len(chunk)
+        if n < batch_size and len(images) > batch_size:  # pad to reuse the compiled shape
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        predictions = np.asarray(jnp.argmax(logits_fn(variables, chunk), -1))[:n]
+        correct += int((predictions == labels[start:start + n]).sum())
+    return correct / len(images)
+
+
+class TaskEvaluator:
+    """Zero-shot evaluation of a hypernetwork on fixed tasks, compiled once per class count."""
+
+    def __init__(self, config):
+        self.config = config
+        self._predict = {}
+
+    def predict_fn(self, num_classes: int):
+        if num_classes not in self._predict:
+            self._predict[num_classes] = jax.jit(make_predict_fn(self.config, num_classes))
+        return self._predict[num_classes]
+
+    def predict(self, hyper_params, task):
+        """Predicted variables for ``task`` and the wall time of the (compiled) call."""
+        predict = self.predict_fn(task.num_classes)
+        batch = task.dataset_batch()
+        start = time.perf_counter()
+        variables = jax.block_until_ready(predict(hyper_params, batch))
+        return variables, time.perf_counter() - start
+
+    def evaluate(self, hyper_params, tasks, random_init_seed: int | None = None) -> dict:
+        """Per-task accuracy of predicted variables (and of random init if a seed is given)."""
+        target_name = self.config.model.target
+        predicted, random_init, seconds = [], [], []
+        for i, task in enumerate(tasks):
+            variables, elapsed = self.predict(hyper_params, task)
+            seconds.append(elapsed)
+            test_x, test_y = task.test_images, task.test_labels
+            predicted.append(accuracy(target_name, variables, test_x, test_y))
+            if random_init_seed is not None:
+                target = get_target(target_name, task.num_classes)
+                init = target.init(jax.random.key(random_init_seed + i), test_x[:1], train=False)
+                random_init.append(accuracy(target_name, init, test_x, test_y))
+        result = {"predicted": mean_and_ci95(predicted), "per_task_predicted": predicted,
+                  "predict_seconds_median": float(np.median(seconds))}
+        if random_init:
+            result["random_init"] = mean_and_ci95(random_init)
+            result["per_task_random_init"] = random_init
+        result["chance"] = float(np.mean([1.0 / t.num_classes for t in tasks]))
+        return result

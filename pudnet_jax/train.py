@@ -1,0 +1,357 @@
+"""Meta-training: the pure train step and the ``train_and_evaluate`` loop.
+
+One step takes a batch of tasks. For each task the hypernetwork predicts the target's variables
+from the support set; the target, run with those variables, classifies the query set; the query
+cross-entropy is back-propagated through the predicted parameters into the hypernetwork. Tasks are
+split over the mesh axis ``'data'``; params and optimiser state are replicated.
+
+The step takes no PRNG key on purpose: all randomness (task sampling, augmentation) happens on the
+host as a pure function of ``(seed, step)``, so a resumed run sees exactly the batches an
+uninterrupted run saw and ends with bitwise-identical parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from pudnet_jax import checkpoints, data, parallel
+from pudnet_jax.evaluate import TaskEvaluator
+from pudnet_jax.metrics import MetricsWriter, plot_curves
+from pudnet_jax.models import get_target
+from pudnet_jax.predict import init_hyper_params, make_predict_fn
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # hypernetwork variables {'params': ...}
+    opt_state: Any
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, cosine decay to ``end_lr_fraction`` of it."""
+    t = config.train
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.learning_rate * t.end_lr_fraction)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(config.train.grad_clip),
+        optax.adamw(learning_rate_schedule(config), weight_decay=config.train.weight_decay),
+    )
+
+
+def create_train_state(config, rng) -> TrainState:
+    params = init_hyper_params(config, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=make_optimizer(config).init(params))
+
+
+def make_loss_fn(config):
+    """``loss(hyper_params, batch) -> (loss, metrics)`` averaged over the batch's tasks.
+
+    Tasks are looped over in Python (unrolled), not vmapped: under ``vmap`` every task's convs
+    get their own predicted kernels, which XLA lowers to grouped convolutions, 20x slower on CPU
+    than T ordinary ones (measured: 7.3 s vs 0.38 s per task for resnet8). ``config.train.task_loop
+    = 'vmap'`` selects the batched form for accelerators where grouped convs are fast.
+    """
+    predict = make_predict_fn(config)
+    target = get_target(config.model.target, config.model.num_classes)
+
+    def task_loss(hyper_params, task):
+        variables = predict(hyper_params, task["support"])
+        query = task["query"]
+        logits = target.apply(variables, query["image"], train=False)
+        mask = query["mask"].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, query["label"])
+        correct = (jnp.argmax(logits, -1) == query["label"]).astype(jnp.float32)
+        n = jnp.maximum(mask.sum(), 1.0)
+        return (ce * mask).sum() / n, (correct * mask).sum() / n
+
+    def loss_fn(hyper_params, batch):
+        if config.train.task_loop == "vmap":
+            losses, accuracies = jax.vmap(task_loss, in_axes=(None, 0))(hyper_params, batch)
+        else:
+            num_tasks = jax.tree.leaves(batch)[0].shape[0]
+            results = [task_loss(hyper_params, jax.tree.map(lambda x: x[i], batch))
+                       for i in range(num_tasks)]
+            losses, accuracies = (jnp.stack(r) for r in zip(*results))
+        return losses.mean(), {"accuracy": accuracies.mean()}
+
+    return loss_fn
+
+
+def make_train_step(config, mesh=None):
+    """The pure step ``(state, batch) -> (state, metrics)``.
+
+    With a ``mesh``, gradients are computed under ``jax.shard_map``: each device runs the loss on
+    its own tasks and the gradients are averaged over the ``'data'`` axis (an all-reduce), so the
+    result equals the single-device step on the whole batch. Without one, the step is plain.
+
+    A non-finite loss or gradient leaves the state unchanged and reports ``finite=0``; the loop
+    then stops with the step number instead of writing NaN parameters.
+    """
+    loss_fn = make_loss_fn(config)
+    optimizer = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+    grad_fn = local_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if mesh is not None:
+        axis = parallel.DATA_AXIS
+
+        def local_grads(params, batch):
+            (loss, aux), grads = local_grad_fn(params, batch)
+            return jax.lax.pmean(((loss, aux), grads), axis)
+
+        grad_fn = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+
+    def train_step(state: TrainState, batch):
+        (loss, aux), grads = grad_fn(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": grad_norm,
+                   "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(config, mesh):
+    """``train_step`` compiled for the mesh: tasks sharded, state replicated and donated."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(make_train_step(config, mesh),
+                   in_shardings=(replicated, parallel.data_sharded(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def prepare_kwargs(config) -> dict:
+    return {"data_dir": config.data_dir or None, "cache_dir": config.cache_dir or None,
+            "image_size": config.model.image_size, "channels": config.model.channels}
+
+
+def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
+    """The meta-training sampler. With several processes, each samples only its own tasks."""
+    d = config.data
+    dataset = d.dataset if d.setting == "intra" else d.held_out
+    pools = data.meta_train_pools(d.setting, dataset, split_seed=d.split_seed, **prepare_kwargs(config))
+    way = (d.min_way, d.way) if d.min_way else d.way
+    tasks = d.tasks_per_batch // jax.process_count() if process_share else d.tasks_per_batch
+    # Each process gets its own stream of tasks: seed folded with the process index.
+    seed = config.seed * 1000 + jax.process_index() if process_share else config.seed * 1000
+    return data.TaskSampler(pools, way=way, shots=d.shots, queries=d.queries, tasks_per_batch=tasks,
+                            seed=seed, augment=d.augment)
+
+
+class Validator:
+    """Meta-val accuracy, used to keep the best checkpoint.
+
+    intra: fixed tasks over the held-out meta-val classes, scored exactly like the protocol
+    (predict from the support sample, classify the task's test images).
+    inter: fixed sampled tasks from the *test* splits of the source datasets (images never seen in
+    meta-training); the held-out dataset is never looked at before the final evaluation.
+    """
+
+    def __init__(self, config, evaluator: TaskEvaluator):
+        d = config.data
+        self.evaluator = evaluator
+        self.tasks, self.batches = [], []
+        if d.setting == "intra":
+            self.tasks = data.make_eval_tasks(
+                "intra", d.dataset, classes="meta_val", num_tasks=d.num_val_tasks,
+                predict_shots=d.predict_shots, seed=d.eval_task_seed + 1, split_seed=d.split_seed,
+                **prepare_kwargs(config))
+        else:
+            pools = []
+            for source in data.inter_split(d.held_out).sources:
+                test = data.prepare(source, "test", **prepare_kwargs(config))
+                pools.append(data.ClassPool(test, tuple(test.class_indices)))
+            sampler = data.TaskSampler(pools, way=d.way, shots=d.shots, queries=d.queries,
+                                       tasks_per_batch=d.tasks_per_batch, seed=10**6 + d.eval_task_seed)
+            self.batches = [sampler.batch(i) for i in range(max(1, d.num_val_tasks // d.tasks_per_batch))]
+            self._loss = jax.jit(make_loss_fn(config))
+
+    def __call__(self, hyper_params) -> float:
+        if self.tasks:
+            return self.evaluator.evaluate(hyper_params, self.tasks)["predicted"]["mean"]
+        return float(np.mean([self._loss(hyper_params, b)[1]["accuracy"] for b in self.batches]))
+
+
+def make_test_tasks(config):
+    """The fixed evaluation tasks of the protocol (unseen classes / the unseen dataset)."""
+    d = config.data
+    if d.setting == "intra":
+        return data.make_eval_tasks("intra", d.dataset, classes="unseen", num_tasks=d.num_eval_tasks,
+                                    predict_shots=d.predict_shots, seed=d.eval_task_seed,
+                                    split_seed=d.split_seed, **prepare_kwargs(config))
+    return data.make_eval_tasks("inter", d.held_out, predict_shots=d.predict_shots,
+                                seed=d.eval_task_seed, **prepare_kwargs(config))
+
+
+class _StopRequest:
+    """Turns SIGTERM into a flag the loop checks between steps (then it checkpoints and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _progress(config, start, total):
+    if not config.train.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="meta-train", unit="step", dynamic_ncols=True)
+
+
+def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
+    """Meta-trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
+
+    Args:
+      config: see ``configs/common.py``.
+      workdir: where config, checkpoints, metrics, plots and results go.
+      stop_after: stop (after checkpointing) once this step is reached, as if killed there; used
+        by tests of resume. ``None`` runs to ``config.train.num_steps``.
+
+    Returns:
+      The final results dict (also written to ``workdir/results.json``), or the last metrics when
+      stopped early.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpoints.write_config(config, workdir)
+    mesh = parallel.make_mesh()
+    parallel.check_divisible(config.data.tasks_per_batch, mesh)
+    ckpt = checkpoints.RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
+
+    state = jax.device_put(create_train_state(config, jax.random.key(config.seed)), parallel.replicated(mesh))
+    meta = {"best_val_accuracy": -1.0}
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, meta = ckpt.restore(abstract)
+        print(f"Resumed from step {int(state.step)} in {workdir}")
+    start = int(state.step)
+    num_steps = config.train.num_steps
+    last = num_steps if stop_after is None else min(num_steps, stop_after)
+
+    train_step = jit_train_step(config, mesh)
+    sampler = make_sampler(config)
+    evaluator = TaskEvaluator(config)
+    validate = Validator(config, evaluator) if config.train.eval_every else None
+    writer = MetricsWriter(workdir, resume_step=start, tensorboard=config.train.tensorboard)
+    bar = _progress(config, start, num_steps)
+    metrics, t_last, step = {}, time.perf_counter(), start
+
+    def save(step):
+        ckpt.save(step, state, meta)
+
+    with _StopRequest() as stop, sampler.iterate(start, last - start) as batches:
+        for batch in batches:
+            state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+            step += 1
+            metrics = jax.device_get(metrics)
+            if not metrics["finite"]:
+                ckpt.close()
+                raise FloatingPointError(
+                    f"Non-finite loss or gradient at step {step} (loss={metrics['loss']}); parameters "
+                    f"were not updated and the last good checkpoint in {workdir} is kept.")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                                tasks_s=f"{bar.format_dict['rate'] * config.data.tasks_per_batch:.1f}"
+                                if bar.format_dict.get("rate") else "-")
+            if step % config.train.log_every == 0 or step == last:
+                now = time.perf_counter()
+                steps_done = step % config.train.log_every or config.train.log_every
+                tasks_per_s = steps_done * config.data.tasks_per_batch / max(now - t_last, 1e-9)
+                t_last = now
+                writer.write(step, {k: v for k, v in metrics.items() if k != "finite"}
+                             | {"tasks_per_second": tasks_per_s})
+            if validate and (step % config.train.eval_every == 0 or step == num_steps):
+                acc = validate(state.params)
+                writer.write(step, {"val_accuracy": acc})
+                if acc > meta["best_val_accuracy"]:
+                    meta = {"best_val_accuracy": acc, "best_step": step}
+                    ckpt.save_best(step, state.params, meta)
+            if step % config.train.checkpoint_every == 0 or step == last or stop.requested:
+                save(step)
+            if stop.requested:
+                print(f"SIGTERM: checkpoint saved at step {step}; exiting.")
+                break
+    if bar is not None:
+        bar.close()
+    writer.close()
+    if step < num_steps:
+        ckpt.close()
+        return {"stopped_at": step, **{k: float(v) for k, v in metrics.items()}}
+
+    plot_curves(workdir)
+    results = final_evaluation(config, workdir, state.params, evaluator, ckpt)
+    ckpt.close()
+    return results
+
+
+def final_evaluation(config, workdir, last_params, evaluator, ckpt) -> dict:
+    """Evaluates the best (meta-val) params on the fixed unseen tasks; writes results.json."""
+    params, info = last_params, {"step": int(config.train.num_steps), "source": "last"}
+    if ckpt.best.latest_step() is not None:
+        params, info = checkpoints.restore_hyper_params(workdir, config)
+    tasks = make_test_tasks(config)
+    result = evaluator.evaluate(params, tasks, random_init_seed=config.seed + 12345)
+    results = {
+        "setting": config.data.setting,
+        "dataset": config.data.dataset if config.data.setting == "intra" else config.data.held_out,
+        "target": config.model.target,
+        "hyper_params_from": info,
+        "evaluation": result,
+        "task_manifest": data.task_manifest(tasks),
+        "config": config.to_dict(),
+        "machine": machine_description(),
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"Unseen tasks: predicted {result['predicted']['mean']:.4f} ± {result['predicted']['ci95']:.4f}, "
+              f"random init {result['random_init']['mean']:.4f}, chance {result['chance']:.4f}")
+    return results
+
+
+def machine_description() -> dict:
+    """CPU model / accelerator names, for every results file."""
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__}
