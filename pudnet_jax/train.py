@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from pudnet_jax import checkpoints, data, parallel
+from pudnet_jax import checkpoints, data, distributed, parallel
 from pudnet_jax.evaluate import TaskEvaluator
 from pudnet_jax.metrics import MetricsWriter, plot_curves
 from pudnet_jax.models import get_target
@@ -94,28 +94,40 @@ def make_loss_fn(config):
     return loss_fn
 
 
-def make_train_step(config, mesh=None):
-    """The pure step ``(state, batch) -> (state, metrics)``.
+def make_grad_fn(config, mesh=None):
+    """``(hyper_params, batch) -> ((loss, metrics), grads)``, averaged over the batch's tasks.
 
-    With a ``mesh``, gradients are computed under ``jax.shard_map``: each device runs the loss on
-    its own tasks and the gradients are averaged over the ``'data'`` axis (an all-reduce), so the
-    result equals the single-device step on the whole batch. Without one, the step is plain.
+    With a ``mesh``, it runs under ``jax.shard_map``: each device computes the loss on its own
+    tasks and the gradients are averaged over the ``'data'`` axis (an all-reduce), so the result
+    equals the single-device computation on the whole batch up to float summation order.
+    """
+    loss_fn = make_loss_fn(config)
+    if mesh is None:
+        return jax.value_and_grad(loss_fn, has_aux=True)
+    axis = parallel.DATA_AXIS
+
+    def local_grads(params, batch):
+        # The mean over devices goes *inside* the differentiated function: shard_map tracks that
+        # params are replicated, so their gradient is summed over devices by the transpose of the
+        # implicit broadcast; differentiating the global mean loss makes that sum the right one.
+        def global_loss(p):
+            loss, aux = loss_fn(p, batch)
+            return jax.lax.pmean(loss, axis), jax.lax.pmean(aux, axis)
+
+        return jax.value_and_grad(global_loss, has_aux=True)(params)
+
+    return jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+
+
+def make_train_step(config, mesh=None):
+    """The pure step ``(state, batch) -> (state, metrics)`` (gradients from ``make_grad_fn``).
 
     A non-finite loss or gradient leaves the state unchanged and reports ``finite=0``; the loop
     then stops with the step number instead of writing NaN parameters.
     """
-    loss_fn = make_loss_fn(config)
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
-    grad_fn = local_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if mesh is not None:
-        axis = parallel.DATA_AXIS
-
-        def local_grads(params, batch):
-            (loss, aux), grads = local_grad_fn(params, batch)
-            return jax.lax.pmean(((loss, aux), grads), axis)
-
-        grad_fn = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+    grad_fn = make_grad_fn(config, mesh)
 
     def train_step(state: TrainState, batch):
         (loss, aux), grads = grad_fn(state.params, batch)
@@ -146,16 +158,21 @@ def prepare_kwargs(config) -> dict:
 
 
 def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
-    """The meta-training sampler. With several processes, each samples only its own tasks."""
+    """The meta-training sampler. With several processes, each samples only its own tasks.
+
+    The global batch of step s is tasks ``0..T-1`` of one stream (seed ``config.seed * 1000``);
+    process p makes tasks ``[p*T/P, (p+1)*T/P)`` of it, the ones its devices hold in the mesh
+    (``jax.devices()`` lists devices process by process). So the tasks of a step, and the trained
+    parameters, do not depend on how many processes share the work.
+    """
     d = config.data
     dataset = d.dataset if d.setting == "intra" else d.held_out
     pools = data.meta_train_pools(d.setting, dataset, split_seed=d.split_seed, **prepare_kwargs(config))
     way = (d.min_way, d.way) if d.min_way else d.way
-    tasks = d.tasks_per_batch // jax.process_count() if process_share else d.tasks_per_batch
-    # Each process gets its own stream of tasks: seed folded with the process index.
-    seed = config.seed * 1000 + jax.process_index() if process_share else config.seed * 1000
+    offset, tasks = (distributed.process_task_range(d.tasks_per_batch) if process_share
+                     else (0, d.tasks_per_batch))
     return data.TaskSampler(pools, way=way, shots=d.shots, queries=d.queries, tasks_per_batch=tasks,
-                            seed=seed, augment=d.augment)
+                            seed=config.seed * 1000, augment=d.augment, task_offset=offset)
 
 
 class Validator:
@@ -173,7 +190,7 @@ class Validator:
         self.tasks, self.batches = [], []
         if d.setting == "intra":
             self.tasks = data.make_eval_tasks(
-                "intra", d.dataset, classes="meta_val", num_tasks=d.num_val_tasks,
+                "intra", d.dataset, classes="meta_val", num_tasks=d.num_val_tasks, way=d.way,
                 predict_shots=d.predict_shots, seed=d.eval_task_seed + 1, split_seed=d.split_seed,
                 **prepare_kwargs(config))
         else:
@@ -197,7 +214,7 @@ def make_test_tasks(config):
     d = config.data
     if d.setting == "intra":
         return data.make_eval_tasks("intra", d.dataset, classes="unseen", num_tasks=d.num_eval_tasks,
-                                    predict_shots=d.predict_shots, seed=d.eval_task_seed,
+                                    way=d.way, predict_shots=d.predict_shots, seed=d.eval_task_seed,
                                     split_seed=d.split_seed, **prepare_kwargs(config))
     return data.make_eval_tasks("inter", d.held_out, predict_shots=d.predict_shots,
                                 seed=d.eval_task_seed, **prepare_kwargs(config))
@@ -302,9 +319,11 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
                 if acc > meta["best_val_accuracy"]:
                     meta = {"best_val_accuracy": acc, "best_step": step}
                     ckpt.save_best(step, state.params, meta)
-            if step % config.train.checkpoint_every == 0 or step == last or stop.requested:
+            # Every process must take the same branch (a SIGTERM may reach only some of them).
+            stopping = distributed.any_process(stop.requested)
+            if step % config.train.checkpoint_every == 0 or step == last or stopping:
                 save(step)
-            if stop.requested:
+            if stopping:
                 print(f"SIGTERM: checkpoint saved at step {step}; exiting.")
                 break
     if bar is not None:
@@ -314,7 +333,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         ckpt.close()
         return {"stopped_at": step, **{k: float(v) for k, v in metrics.items()}}
 
-    plot_curves(workdir)
+    if distributed.is_primary():
+        plot_curves(workdir)
     results = final_evaluation(config, workdir, state.params, evaluator, ckpt)
     ckpt.close()
     return results

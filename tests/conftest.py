@@ -26,3 +26,11 @@ def tiny_config():
     c.hyper.hidden_dim = 32
     c.hyper.code_rank = 8
     return c
+
+
+# Many tests compile the same programs (same tiny config, same mesh), also in subprocesses: a
+# persistent compilation cache shared by the whole session makes the second compile a disk read.
+_CACHE_DIR = os.environ.setdefault(
+    "PUDNET_TEST_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pudnet_jax", "xla_test_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
