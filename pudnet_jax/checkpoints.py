@@ -75,6 +75,9 @@ def write_config(config, workdir: str) -> None:
 
 def read_config(directory: str) -> ml_collections.ConfigDict:
     path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Directory {directory!r} does not exist: expected a pudnet_jax "
+                                "workdir or export holding config.json.")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No config.json in {directory!r}: not a pudnet_jax workdir or export.")
     with open(path) as f:
@@ -122,6 +125,14 @@ class RunCheckpoints:
         self.best.close()
 
 
+def _strict_abstract(tree):
+    """Restore targets with a sharding: Orbax then restores jax Arrays and refuses a stored shape
+    that differs from the target's. Without one it restores NumPy arrays and silently pads or
+    truncates them, so a checkpoint of another architecture would load as garbage parameters."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
     """Hypernetwork params from an export or a workdir (best, else latest).
 
@@ -130,8 +141,7 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
     """
     from pudnet_jax.predict import init_hyper_params
 
-    abstract = jax.eval_shape(lambda: init_hyper_params(config, jax.random.key(0)))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+    abstract = _strict_abstract(jax.eval_shape(lambda: init_hyper_params(config, jax.random.key(0))))
     export_dir = os.path.join(directory, "hyper_params")
     try:
         if os.path.isdir(export_dir):
@@ -153,7 +163,8 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
                 return restored.params, {"step": step, "source": "best", **dict(restored.meta)}
             from pudnet_jax.train import create_train_state
 
-            abstract_state = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
+            abstract_state = _strict_abstract(
+                jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))))
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
             return restored.state.params, {"step": step, "source": "latest"}
@@ -161,7 +172,9 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
         if isinstance(e, ArchitectureMismatchError):
             raise
         raise ArchitectureMismatchError(
-            f"Could not restore the hypernetwork from {directory!r} under its config: {e}") from e
+            f"Could not restore the hypernetwork from {directory!r} under its config (does the "
+            f"config's hyper section, model.image_size and model.channels match the checkpoint's?): "
+            f"{e}") from e
     raise FileNotFoundError(f"No hypernetwork checkpoint in {directory!r}: expected hyper_params/ "
                             "(an export) or best/ or checkpoints/ (a training workdir).")
 

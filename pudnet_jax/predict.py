@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from pudnet_jax.hypernet import build_hypernet
+from pudnet_jax.hypernet.chunked import chunked_apply
 from pudnet_jax.models import get_target
 from pudnet_jax.validation import check_dataset_batch
 
 Variables = dict[str, Any]
 
 
-def make_predict_fn(config, num_classes: int | None = None) -> Callable[[Any, Mapping], Variables]:
+def make_predict_fn(config, num_classes: int | None = None,
+                    chunk_size: int | None = None) -> Callable[[Any, Mapping], Variables]:
     """Returns ``predict(hyper_params, dataset_batch) -> variables`` for ``config``.
 
     Args:
@@ -37,12 +39,18 @@ def make_predict_fn(config, num_classes: int | None = None) -> Callable[[Any, Ma
       num_classes: classes of the predicted head; defaults to ``config.model.num_classes``.
         Labels must lie in ``0..num_classes-1``; classes above the largest label are given a
         bias of ``-1e9`` so they are never predicted.
+      chunk_size: if set and the batch has more images, the encoder and the BatchNorm pass run
+        ``chunk_size`` images at a time (``pudnet_jax.hypernet.chunked``): memory bounded by the
+        chunk instead of the dataset, for about ``L/2`` times the target's forward compute
+        (``L`` BatchNorm layers). Same result up to float summation order.
 
     ``hyper_params`` is the hypernetwork's ``{'params': ...}``. ``dataset_batch`` is
     ``{'image': float32 [N, H, W, C], 'label': int [N], 'mask': bool [N] (optional)}``.
     """
     hypernet = build_hypernet(config, num_classes)
     image_shape = tuple(hypernet.image_shape)
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of images or None; got {chunk_size}.")
 
     def predict(hyper_params, dataset_batch: Mapping) -> Variables:
         check_dataset_batch(dataset_batch, hypernet.num_classes, image_shape)
@@ -50,6 +58,8 @@ def make_predict_fn(config, num_classes: int | None = None) -> Callable[[Any, Ma
         labels = jnp.asarray(dataset_batch["label"], jnp.int32)
         mask = dataset_batch.get("mask")
         mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask, bool)
+        if chunk_size is not None and images.shape[0] > chunk_size:
+            return chunked_apply(hypernet, hyper_params, images, labels, mask, chunk_size)
         return hypernet.apply(hyper_params, images, labels, mask)
 
     return predict
@@ -67,14 +77,25 @@ def init_hyper_params(config, rng, num_classes: int | None = None):
 def preprocess_images(images, image_size: int, channels: int) -> np.ndarray:
     """Raw uint8/float ``[N, H, W, C]`` -> float32 ``[N, image_size, image_size, channels]`` in [0, 1].
 
-    Float input is taken as already in [0, 1] (values are standardised afterwards, so only the
-    relative scale matters).
+    Float input must hold raw pixels in [0, 1] (values are standardised afterwards); NaN,
+    infinite or out-of-range values raise ``ValueError``.
     """
     from pudnet_jax.data.preprocess import to_model_input  # data layer owns resizing
 
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+        if not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"images must be uint8 (0..255) or float (0..1); got dtype {images.dtype}.")
+        images = np.asarray(images, np.float32)
+        if images.size and not np.isfinite(images).all():
+            raise ValueError("'image' contains NaN or infinite pixel values.")
+        if images.size and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+            # Clipping 0..255 floats (or standardised ones) to [0, 1] would silently give
+            # near-constant images and meaningless parameters.
+            raise ValueError(f"Float images must hold raw pixels in [0, 1]; got values in "
+                             f"[{images.min():.4g}, {images.max():.4g}]. Pass uint8 0..255 images or "
+                             "divide by 255; do not normalise them (the Predictor does).")
+        images = np.clip(images, 0.0, 1.0)
         images = np.round(images * 255.0).astype(np.uint8)
     return to_model_input(images, image_size=image_size, channels=channels)
 
@@ -91,6 +112,8 @@ class Predictor:
 
     config: Any
     hyper_params: Any
+    # Images per chunk for large dataset batches (memory bounded by the chunk; see make_predict_fn).
+    chunk_size: int | None = None
     # Compiled functions per class count: one Predictor compiles each shape once.
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -115,9 +138,10 @@ class Predictor:
         std = images[valid].std(axis=(0, 1, 2)) + 1e-3
         batch = {"image": (images - mean) / std,
                  "label": np.asarray(dataset_batch["label"], np.int32), "mask": valid}
-        if ("predict", num_classes) not in self._compiled:
-            self._compiled["predict", num_classes] = jax.jit(make_predict_fn(self.config, num_classes))
-        variables = self._compiled["predict", num_classes](self.hyper_params, batch)
+        key = ("predict", num_classes, self.chunk_size)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(make_predict_fn(self.config, num_classes, self.chunk_size))
+        variables = self._compiled[key](self.hyper_params, batch)
         return {**variables, "preprocess": {"mean": jnp.asarray(mean), "std": jnp.asarray(std)}}
 
     def apply(self, variables: Variables, images, batch_size: int = 1000) -> jax.Array:

@@ -19,8 +19,9 @@ def evaluate_workdir(config, workdir: str) -> dict:
     """Runs the fixed protocol on the workdir's best (else latest) params -> ``results.json``."""
     from pudnet_jax.train import final_evaluation
 
-    ckpt = checkpoints.RunCheckpoints(workdir)
+    # Restore first: a missing workdir raises FileNotFoundError instead of being created empty.
     params, _ = checkpoints.restore_hyper_params(workdir, config)
+    ckpt = checkpoints.RunCheckpoints(workdir)
     try:
         return final_evaluation(config, workdir, params, TaskEvaluator(config), ckpt)
     finally:

@@ -35,8 +35,9 @@ def check_dataset_batch(batch: Mapping, num_classes: int | None = None,
     if not isinstance(batch, Mapping) or "image" not in batch or "label" not in batch:
         raise ValueError(f"Dataset batch must be {EXPECTED_FORM}; got {type(batch).__name__} "
                          f"with keys {sorted(batch) if isinstance(batch, Mapping) else 'n/a'}.")
-    images, labels = batch["image"], batch["label"]
-    mask = batch.get("mask")
+    # Lists and other array-likes are checked as the arrays they convert to.
+    images, labels, mask = (x if x is None or hasattr(x, "dtype") else np.asarray(x)
+                            for x in (batch["image"], batch["label"], batch.get("mask")))
     shape = tuple(np.shape(images))
     if len(shape) != 4:
         raise ValueError(f"'image' must have rank 4 [N, H, W, C]; got shape {shape}. "
@@ -77,9 +78,10 @@ def check_dataset_batch(batch: Mapping, num_classes: int | None = None,
     if num_classes is not None and k > num_classes:
         raise ValueError(f"'label' has values up to {k - 1} but the predictor was built for "
                          f"{num_classes} classes (labels 0..{num_classes - 1}).")
-    counts = np.bincount(labels_np, minlength=k)
-    missing = np.flatnonzero(counts == 0)
-    if missing.size:
+    present = np.unique(labels_np)  # not bincount: a stray huge label must not allocate k counts
+    # The first 10 missing classes lie below len(present) + 10 (pigeonhole).
+    missing = np.setdiff1d(np.arange(min(k, len(present) + 10)), present)
+    if len(present) < k:
         raise ValueError(f"Classes {missing.tolist()[:10]} have no example in the batch; labels must "
                          f"cover 0..K-1 without gaps (remap them, e.g. np.unique(y, return_inverse=True)).")
     return int(num_classes or k)
