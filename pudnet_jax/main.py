@@ -6,6 +6,10 @@
     python -m pudnet_jax.main --mode=predict --workdir=runs/inter --dataset=cifar10 --output=/tmp/vars
     python -m pudnet_jax.main --mode=export --workdir=runs/inter --output=checkpoints/inter_resnet8
 
+Multi-process (several hosts, or one process per GPU; see launch/README.md): the same command on
+every process; ``jax.distributed`` is initialised from the SLURM / Open MPI environment, from
+``--distributed=on`` on TPU pods, or from ``--coordinator_address --num_processes --process_id``.
+
 Modes: ``train`` (default; meta-trains, resuming from the workdir, then evaluates), ``evaluate``
 (the fixed protocol on the workdir's best checkpoint -> results.json), ``predict`` (variables for a
 named dataset, saved with Orbax and as Flax msgpack) and ``export`` (params-only predictor).
@@ -26,6 +30,12 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "export"], "
 flags.DEFINE_string("dataset", None, "predict mode: dataset to predict for (its train split).")
 flags.DEFINE_integer("shots", 100, "predict mode: images per class given to predict.")
 flags.DEFINE_string("output", None, "predict/export mode: output directory.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (omit "
+                    "under SLURM / Open MPI, and on TPU pods with --distributed=on: detected).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: total number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize: auto "
+                  "(flags above or a detected launcher), on (always; TPU pods), off.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -33,6 +43,11 @@ def main(argv):
     del argv
     import jax
 
+    from pudnet_jax import distributed
+
+    # Before anything touches devices: the backend is fixed by the first device query.
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           mode=FLAGS.distributed)
     from pudnet_jax import run_modes
 
     logging.info("JAX process %d/%d, local devices %s, backend %s", jax.process_index(),
@@ -57,7 +72,8 @@ def main(argv):
         if not FLAGS.output:
             raise app.UsageError("--mode=export needs --output.")
         run_modes.export_workdir(config, FLAGS.workdir, FLAGS.output)
-    print(f"Done: {FLAGS.mode} in {os.path.abspath(FLAGS.workdir)}")
+    if distributed.is_primary():
+        print(f"Done: {FLAGS.mode} in {os.path.abspath(FLAGS.workdir)}")
 
 
 if __name__ == "__main__":

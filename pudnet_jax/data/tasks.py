@@ -131,11 +131,14 @@ class TaskSampler:
     batches of an uninterrupted run. Each task picks ONE pool (by `dataset_weights`), then K
     classes (K uniform in the `way` range, capped at the pool's class count), then shots +
     queries distinct images per class: support and query never share an image.
+    With `task_offset=o`, batch(step) holds tasks o..o+T-1 of that stream (task t uses
+    `default_rng([seed, step, o + t])`): one process's slice of the global batch.
     """
 
     def __init__(self, pools: Sequence[ClassPool], way: int | tuple[int, int], shots: int,
                  queries: int, tasks_per_batch: int, seed: int, augment: bool = False,
-                 dataset_weights: Sequence[float] | Mapping[str, float] | None = None):
+                 dataset_weights: Sequence[float] | Mapping[str, float] | None = None,
+                 task_offset: int = 0):
         if not pools:
             raise ValueError('TaskSampler needs at least one ClassPool')
         self.pools = tuple(pools)
@@ -149,6 +152,9 @@ class TaskSampler:
                 raise ValueError(f'{what} must be >= 1; got {value}')
         self.shots, self.queries = int(shots), int(queries)
         self.tasks_per_batch, self.seed, self.augment = int(tasks_per_batch), int(seed), augment
+        if int(task_offset) < 0:
+            raise ValueError(f'task_offset must be >= 0; got {task_offset}')
+        self.task_offset = int(task_offset)
         self.image_shape = self.pools[0].data.images.shape[1:]
         for pool in self.pools:
             if pool.data.images.shape[1:] != self.image_shape:
@@ -204,7 +210,7 @@ class TaskSampler:
     def _rng(self, step: int, task: int) -> np.random.Generator:
         if step < 0:
             raise ValueError(f'step must be >= 0; got {step}')
-        return np.random.default_rng([self.seed, int(step), task])
+        return np.random.default_rng([self.seed, int(step), self.task_offset + task])
 
     def batch(self, step: int, return_info: bool = False):
         """The batch of tasks for `step` (see module docstring for the format).
