@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -50,8 +51,12 @@ def main(argv):
                            mode=FLAGS.distributed)
     from pudnet_jax import run_modes
 
-    logging.info("JAX process %d/%d, local devices %s, backend %s", jax.process_index(),
-                 jax.process_count(), jax.local_devices(), jax.default_backend())
+    # Orbax logs every save at INFO; keep the console to our own lines unless asked (-v 0).
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if distributed.is_primary():
+        print(f"JAX process {jax.process_index()}/{jax.process_count()}, local devices "
+              f"{jax.local_devices()}, backend {jax.default_backend()}", flush=True)
     config = FLAGS.config
     if config is None:
         from pudnet_jax.checkpoints import read_config
@@ -76,5 +81,16 @@ def main(argv):
         print(f"Done: {FLAGS.mode} in {os.path.abspath(FLAGS.workdir)}")
 
 
+def parse_flags(argv):
+    """absl flag parsing that reports an unknown config field as a flag error, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        sys.exit(f"FATAL Flags parsing error: unknown config field {e} (in {' '.join(argv[1:])}). "
+                 "See the config file's fields, e.g. configs/common.py.")
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --help for usage.")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
