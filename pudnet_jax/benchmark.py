@@ -1,0 +1,349 @@
+"""The whole evaluation protocol of DESIGN.md section 4 in one process, on one machine.
+
+    python -m pudnet_jax.benchmark --checkpoint=runs/intra_omniglot --output=results/bench_omniglot
+    python -m pudnet_jax.benchmark --config=configs/intra.py:gtsrb --checkpoint=EXPORT --output=DIR
+    python -m pudnet_jax.benchmark --checkpoint=EXPORT --output=/tmp/b --num_tasks=5 --scratch_epochs=3
+
+``--checkpoint`` is an export or a training workdir; without ``--config`` its own config.json is
+used. Writes ``DIR/benchmark.json`` (everything, including the class split and the task manifest),
+``DIR/benchmark.md`` (the table) and two plots: ``accuracy_vs_time.png`` (Adam from scratch and
+fine-tuning against cumulative training time, the prediction marked at its wall time) and
+``per_task_scatter.png`` (predicted vs best from-scratch accuracy per task).
+
+Predicted / random init / nearest prototype run on all fixed unseen tasks; the training
+baselines (slow) on the first ``config.eval.num_baseline_tasks``. Speedup = from-scratch time to
+first reach the predicted accuracy / predict time, on the mean curves of those same tasks (epoch
+granularity, no interpolation; ">" when never reached within the epoch budget).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import sys
+import time
+
+import jax
+import numpy as np
+
+from pudnet_jax import baselines, checkpoints, data
+from pudnet_jax.evaluate import TaskEvaluator, accuracy, mean_and_ci95
+from pudnet_jax.train import machine_description, make_test_tasks
+
+
+def time_to_reach(epoch_accuracy, epoch_seconds, target: float) -> float | None:
+    """Cumulative seconds at the first epoch whose accuracy >= ``target``; None if never."""
+    for acc, seconds in zip(epoch_accuracy, epoch_seconds):
+        if acc >= target:
+            return float(seconds)
+    return None
+
+
+def speedup(epoch_accuracy, epoch_seconds, target: float, predict_seconds: float) -> dict:
+    """Speedup of predicting over training from scratch (see the module docstring).
+
+    Returns ``reached``, ``scratch_seconds`` (time to reach, or the whole budget if not reached),
+    ``ratio`` (a lower bound when not reached) and ``text`` ("12.3x" or ">12.3x").
+    """
+    reached = time_to_reach(epoch_accuracy, epoch_seconds, target)
+    seconds = reached if reached is not None else float(epoch_seconds[-1])
+    ratio = seconds / predict_seconds
+    return {"reached": reached is not None, "scratch_seconds": seconds, "ratio": ratio,
+            "target_accuracy": float(target), "predict_seconds": float(predict_seconds),
+            "text": ("" if reached is not None else ">") + f"{ratio:.3g}x"}
+
+
+def time_predict(evaluator: TaskEvaluator, hyper_params, task, repeats: int):
+    """Median wall time of the compiled predict, from reading the task's batch (host gather,
+    host->device) to the variables being ready, BatchNorm pass included.
+
+    Returns ``(variables, median seconds, first-call seconds)``; the first call compiles (once
+    per batch shape) and is not part of the median.
+    """
+    predict = evaluator.predict_fn(task.num_classes)
+    start = time.perf_counter()
+    variables = jax.block_until_ready(predict(hyper_params, task.dataset_batch()))
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        variables = jax.block_until_ready(predict(hyper_params, task.dataset_batch()))
+        times.append(time.perf_counter() - start)
+    return variables, float(np.median(times)), first
+
+
+def _curve_stats(runs) -> dict:
+    acc = np.array([r["epoch_accuracy"] for r in runs])
+    sec = np.array([r["epoch_seconds_cumulative"] for r in runs])
+    return {"epoch_accuracy_mean": acc.mean(0).tolist(),
+            "epoch_accuracy_ci95": [mean_and_ci95(a)["ci95"] for a in acc.T],
+            "epoch_seconds_mean": sec.mean(0).tolist()}
+
+
+def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=None,
+                  scratch_lr=None, finetune_lrs=None, lr_tune_tasks: int = 3, lr_tune_epochs=None,
+                  predict_repeats: int = 3, command: str | None = None,
+                  config_arg: str | None = None) -> dict:
+    """Runs the protocol for ``config`` (``config.eval`` sizes the baselines) -> results dict.
+
+    ``scratch_lr`` fixes the from-scratch LR (else tuned over ``config.eval.scratch_lrs``);
+    ``finetune_lrs`` tunes the fine-tuning LR (else ``config.eval.finetune_lr``). Both sweeps run
+    on ``lr_tune_tasks`` meta-val tasks (``baselines.lr_tuning_tasks``), never the unseen ones.
+    """
+    wall_start = time.perf_counter()
+    os.makedirs(output, exist_ok=True)
+    e, d = config.eval, config.data
+    hyper_params, info = checkpoints.restore_hyper_params(checkpoint, config)
+    tasks = make_test_tasks(config)
+    n_base = min(len(tasks), int(num_baseline_tasks or e.num_baseline_tasks))
+    evaluator = TaskEvaluator(config)
+    target_name = config.model.target
+
+    per_task = []
+    for i, task in enumerate(tasks):
+        variables, seconds, first = time_predict(evaluator, hyper_params, task, predict_repeats)
+        test_x, test_y = task.test_images, task.test_labels
+        # Random init: seeds seed + 12345 + i as in train.final_evaluation (an rbg key, see
+        # baselines.init_target, so the draws differ from TaskEvaluator's, not the distribution).
+        random_vars = baselines.init_target(target_name, task.num_classes, test_x.shape[1:],
+                                            config.seed + 12345 + i)
+        per_task.append({
+            "name": task.name, "predicted": accuracy(target_name, variables, test_x, test_y),
+            "random_init": accuracy(target_name, random_vars, test_x, test_y),
+            "nearest_prototype": baselines.nearest_prototype_accuracy(config, hyper_params, task),
+            "predict_seconds": seconds, "predict_first_call_seconds": first})
+
+    tune_tasks = (baselines.lr_tuning_tasks(config, lr_tune_tasks)
+                  if scratch_lr is None or finetune_lrs else [])
+    if scratch_lr is None:
+        tuning = baselines.tune_learning_rate(
+            target_name, tune_tasks, list(e.scratch_lrs), epochs=int(lr_tune_epochs or e.scratch_epochs),
+            batch_size=e.batch_size, seed=config.seed)
+        scratch_lr = tuning["best_lr"]
+    else:
+        tuning = {"best_lr": float(scratch_lr), "note": "given on the command line, not tuned"}
+    finetune_lr = float(e.finetune_lr)
+    ft_tuning = {"best_lr": finetune_lr, "note": "config.eval.finetune_lr, not tuned"}
+    if finetune_lrs:
+        ft_tuning = baselines.tune_learning_rate(
+            target_name, tune_tasks, list(finetune_lrs), epochs=int(e.finetune_epochs),
+            batch_size=e.batch_size, seed=config.seed,
+            init_fn=lambda task: evaluator.predict(hyper_params, task)[0])
+        finetune_lr = ft_tuning["best_lr"]
+
+    scratch_runs, finetune_runs, base_rows = [], [], []
+    for i, task in enumerate(tasks[:n_base]):
+        args = (target_name, task.num_classes, task.support_images, task.support_labels,
+                task.test_images, task.test_labels)
+        scratch = baselines.train_from_scratch(*args, lr=scratch_lr, epochs=e.scratch_epochs,
+                                               batch_size=e.batch_size, seed=config.seed + i)
+        predicted_vars, _ = evaluator.predict(hyper_params, task)
+        finetune = baselines.train_from_scratch(*args, lr=finetune_lr, epochs=e.finetune_epochs,
+                                                batch_size=e.batch_size, seed=config.seed + i,
+                                                init_variables=predicted_vars)
+        for run in (scratch, finetune):
+            del run["variables"]
+        scratch_runs.append(scratch)
+        finetune_runs.append(finetune)
+        target = per_task[i]["predicted"]
+        base_rows.append({"name": task.name, "scratch": scratch, "finetune": finetune,
+                          "scratch_seconds_to_reach_predicted": time_to_reach(
+                              scratch["epoch_accuracy"], scratch["epoch_seconds_cumulative"], target)})
+
+    base_predicted = [r["predicted"] for r in per_task[:n_base]]
+    base_predict_s = float(np.mean([r["predict_seconds"] for r in per_task[:n_base]]))
+    scratch_stats, finetune_stats = _curve_stats(scratch_runs), _curve_stats(finetune_runs)
+    results = {
+        "setting": d.setting, "dataset": d.dataset if d.setting == "intra" else d.held_out,
+        "target": target_name, "checkpoint": {"path": os.path.abspath(checkpoint), "info": info},
+        "command": command or " ".join(sys.argv), "config_arg": config_arg, "seed": int(config.seed),
+        "machine": machine_description(),
+        "protocol": {"num_tasks": len(tasks), "num_baseline_tasks": n_base,
+                     "scratch_epochs": int(e.scratch_epochs), "finetune_epochs": int(e.finetune_epochs),
+                     "finetune_lr": finetune_lr, "batch_size": int(e.batch_size),
+                     "last_batch": baselines.PADDING, "predict_repeats": predict_repeats,
+                     "predict_shots": int(d.predict_shots)},
+        **{key: mean_and_ci95([row[key] for row in per_task])
+           for key in ("predicted", "random_init", "nearest_prototype")},
+        "chance": float(np.mean([1.0 / t.num_classes for t in tasks])),
+        "predict_seconds_median": float(np.median([r["predict_seconds"] for r in per_task])),
+        "lr_tuning": tuning, "finetune_lr_tuning": ft_tuning,
+        "baseline_tasks": {"names": [t.name for t in tasks[:n_base]],
+                           "predicted": mean_and_ci95(base_predicted),
+                           "predict_seconds_mean": base_predict_s,
+                           "scratch": scratch_stats, "finetune": finetune_stats},
+        "speedup": speedup(scratch_stats["epoch_accuracy_mean"], scratch_stats["epoch_seconds_mean"],
+                           float(np.mean(base_predicted)), base_predict_s),
+        "per_task": per_task, "per_baseline_task": base_rows,
+        "class_split": (data.class_split(d.dataset, d.split_seed, config.data_dir or None).to_dict()
+                        if d.setting == "intra" else data.inter_split(d.held_out).to_dict()),
+        "task_manifest": data.task_manifest(tasks), "config": config.to_dict(),
+    }
+    results["speedup"]["per_task_reached"] = sum(
+        r["scratch_seconds_to_reach_predicted"] is not None for r in base_rows)
+    results["total_wall_seconds"] = time.perf_counter() - wall_start
+    with open(os.path.join(output, "benchmark.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(output, "benchmark.md"), "w") as f:
+        f.write(markdown_report(results))
+    plot_results(results, output)
+    return results
+
+
+def _fmt(stats: dict) -> str:
+    ci = stats["ci95"]
+    return f"{100 * stats['mean']:.2f}" + ("" if np.isnan(ci) else f" ± {100 * ci:.2f}")
+
+
+def _lr_note(t: dict) -> str:
+    if "lrs" not in t:
+        return f"{t['best_lr']:g} ({t['note']})"
+    sweep = ", ".join(f"{lr:g}: {100 * a:.1f}%" for lr, a in zip(t["lrs"], t["mean_final_accuracy"]))
+    return (f"{t['best_lr']:g} tuned on {len(t['tasks'])} meta-val tasks, {t['epochs']} epochs "
+            f"(final accuracy {sweep})")
+
+
+def _task_note(r: dict) -> str:
+    if r["setting"] == "inter":
+        return (f": the whole held-out {r['dataset']} (from scratch trains on its train split, "
+                "all methods are scored on its test split)")
+    return f" of unseen {r['dataset']} classes"
+
+
+def markdown_report(r: dict) -> str:
+    p, b, m = r["protocol"], r["baseline_tasks"], r["machine"]
+    n, nb = p["num_tasks"], p["num_baseline_tasks"]
+    rows = [("predicted (zero-shot)", n, _fmt(r["predicted"]), f"{r['predict_seconds_median']:.4f} (predict, median)"),
+            ("random init", n, _fmt(r["random_init"]), "-"),
+            ("nearest prototype on the encoder", n, _fmt(r["nearest_prototype"]), "-"),
+            ("predicted (zero-shot), baseline tasks", nb, _fmt(b["predicted"]),
+             f"{b['predict_seconds_mean']:.4f} (predict, mean)")]
+    s = b["scratch"]
+    last = len(s["epoch_accuracy_mean"]) - 1
+    shown = sorted({e for e in (1, 2, 5, 10, 20, 50, 100, last) if 1 <= e <= last})
+    for ep in shown:
+        rows.append((f"Adam from scratch, epoch {ep} (lr {r['lr_tuning']['best_lr']:g})", nb,
+                     _fmt({"mean": s["epoch_accuracy_mean"][ep], "ci95": s["epoch_accuracy_ci95"][ep]}),
+                     f"{s['epoch_seconds_mean'][ep]:.3f}"))
+    f = b["finetune"]
+    last_ft = len(f["epoch_accuracy_mean"]) - 1
+    for ep in sorted({e for e in (1, last_ft) if 1 <= e <= last_ft}):
+        rows.append((f"predicted + Adam fine-tuning, epoch {ep}", nb,
+                     _fmt({"mean": f["epoch_accuracy_mean"][ep], "ci95": f["epoch_accuracy_ci95"][ep]}),
+                     f"{b['predict_seconds_mean'] + f['epoch_seconds_mean'][ep]:.3f} (predict + fine-tune)"))
+    sp = r["speedup"]
+    lines = [
+        f"# Benchmark: {r['setting']} / {r['dataset']} / target {r['target']}", "",
+        f"- Checkpoint: `{r['checkpoint']['path']}` ({r['checkpoint']['info']})",
+        f"- Machine: {m['cpu']} ({m['cpu_count']} CPUs), JAX {m['jax_version']} backend "
+        f"`{m['jax_backend']}`, devices {m['devices']}",
+        f"- Seed: {r['seed']}; config: `{r['config_arg'] or 'given programmatically'}` (full config in benchmark.json)",
+        f"- Command: `{r['command']}`",
+        f"- Total wall time: {r['total_wall_seconds']:.1f} s",
+        f"- Tasks: {n} fixed unseen task(s){_task_note(r)} ({p['predict_shots']} images/class given to predict; "
+        f"class split and task manifest in benchmark.json: `class_split`, `task_manifest`). "
+        f"**Training baselines ran on the first {nb} tasks only.**",
+        f"- From scratch: Adam, lr {_lr_note(r['lr_tuning'])}, batch {p['batch_size']}, "
+        f"{p['scratch_epochs']} epochs on the full support; fine-tuning: lr {_lr_note(r['finetune_lr_tuning'])}. "
+        f"Last partial batch: {p['last_batch']}. Times exclude compilation and test evaluation.", "",
+        "| method | tasks | accuracy % (mean ± 95% CI) | wall time s (mean per task) |",
+        "| --- | --- | --- | --- |",
+        *[f"| {a} | {t} | {acc} | {w} |" for a, t, acc, w in rows], "",
+        f"Chance: {100 * r['chance']:.2f}%.", "",
+        f"**Speedup** (mean over the {nb} baseline tasks): {sp['text']} — from scratch "
+        f"{'reaches' if sp['reached'] else 'does not reach'} the predicted accuracy "
+        f"{100 * sp['target_accuracy']:.2f}% {'after' if sp['reached'] else 'within'} "
+        f"{sp['scratch_seconds']:.3f} s; predict takes {sp['predict_seconds']:.4f} s. Per task, from "
+        f"scratch reaches that task's predicted accuracy on {sp['per_task_reached']} of {nb} tasks "
+        f"within {p['scratch_epochs']} epochs.", ""]
+    return "\n".join(lines)
+
+
+def plot_results(r: dict, output: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = r["baseline_tasks"]
+    s, f, tp = b["scratch"], b["finetune"], b["predict_seconds_mean"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in r["per_baseline_task"]:  # epoch 0 (0 s) cannot sit on a log axis
+        ax.plot(row["scratch"]["epoch_seconds_cumulative"][1:], row["scratch"]["epoch_accuracy"][1:],
+                color="0.8", lw=0.7)
+    ax.plot(s["epoch_seconds_mean"][1:], s["epoch_accuracy_mean"][1:], "o-", label="Adam from scratch (mean)")
+    ax.plot([tp + t for t in f["epoch_seconds_mean"]], f["epoch_accuracy_mean"], "s-",
+            label="predicted + fine-tuning (mean)")
+    ax.plot([tp], [b["predicted"]["mean"]], "r*", ms=14, label=f"predicted ({tp * 1e3:.1f} ms)")
+    ax.axhline(b["predicted"]["mean"], color="r", ls=":", lw=0.8)
+    ax.set(xscale="log", xlabel="wall time (s): predict, or cumulative training", ylabel="test accuracy",
+           title=f"{r['dataset']} / {r['target']}: speedup {r['speedup']['text']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "accuracy_vs_time.png"), dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    best = [max(row["scratch"]["epoch_accuracy"]) for row in r["per_baseline_task"]]
+    pred = [row["predicted"] for row in r["per_task"][:len(best)]]
+    ax.scatter(best, pred)
+    lo, hi = min(best + pred + [r["chance"]]), max(best + pred)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xlabel="best from-scratch accuracy (any epoch)", ylabel="predicted accuracy (zero-shot)",
+           title=f"per task ({len(best)} baseline tasks)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "per_task_scatter.png"), dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    config = f.config if f.config is not None else checkpoints.read_config(f.checkpoint)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for key, value in (("scratch_epochs", f.scratch_epochs), ("finetune_epochs", f.finetune_epochs)):
+            if value is not None:
+                config.eval[key] = value
+        if f.num_tasks is not None:
+            config.data.num_eval_tasks = f.num_tasks
+    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                      f"{f.checkpoint}/config.json")
+    command = "python -m pudnet_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    finetune_lrs = [float(x) for x in f.finetune_lrs] if f.finetune_lrs else None
+    r = run_benchmark(config, f.checkpoint, f.output, num_baseline_tasks=f.num_baseline_tasks,
+                      scratch_lr=f.scratch_lr, finetune_lrs=finetune_lrs, lr_tune_tasks=f.lr_tune_tasks,
+                      lr_tune_epochs=f.lr_tune_epochs, predict_repeats=f.predict_repeats,
+                      command=command, config_arg=config_arg)
+    print(markdown_report(r))
+    print(f"Wrote {os.path.abspath(f.output)}/benchmark.{{json,md}} and plots.")
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file; default: the checkpoint's config.json.")
+    flags.DEFINE_string("checkpoint", None, "Export dir or training workdir.", required=True)
+    flags.DEFINE_string("output", None, "Output directory.", required=True)
+    flags.DEFINE_integer("num_tasks", None, "Override data.num_eval_tasks (intra) for smoke runs.")
+    flags.DEFINE_integer("num_baseline_tasks", None, "Override eval.num_baseline_tasks.")
+    flags.DEFINE_integer("scratch_epochs", None, "Override eval.scratch_epochs.")
+    flags.DEFINE_integer("finetune_epochs", None, "Override eval.finetune_epochs.")
+    flags.DEFINE_float("scratch_lr", None, "Fix the from-scratch LR (skips tuning on meta-val).")
+    flags.DEFINE_list("finetune_lrs", None, "Tune the fine-tuning LR over these on the meta-val "
+                      "tasks (default: config.eval.finetune_lr, untuned), e.g. 1e-5,3e-5,1e-4,3e-4.")
+    flags.DEFINE_integer("lr_tune_tasks", 3, "Meta-val tasks of the LR sweeps.")
+    flags.DEFINE_integer("lr_tune_epochs", None, "Epochs per LR-sweep run (default: scratch_epochs).")
+    flags.DEFINE_integer("predict_repeats", 3, "Timed predict calls per task (median).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,170 @@
+"""Tests of the training baselines and the benchmark entry point (CPU, well under a minute).
+
+Shapes are shared between tests on purpose (resnet8, 4 classes, 16x16 images, batch 16), so the
+train step and the target's init compile once per session.
+"""
+
+import json
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from pudnet_jax import baselines, benchmark, checkpoints, data
+from pudnet_jax.evaluate import accuracy
+from pudnet_jax.predict import init_hyper_params
+
+# Omniglot-task shapes: 20 classes, 300 support (15/class), 100 test (5/class), batch 64.
+K, SIZE, BATCH = 20, 16, 64
+_HAVE_OMNIGLOT = os.path.isfile(os.path.join(data.default_data_dir(), "omniglot.npz"))
+
+
+def _separable(per_class, seed, noise=0.3):
+    """Class c = a fixed random pattern + noise: trivially separable."""
+    patterns = np.random.default_rng(123).normal(size=(K, SIZE, SIZE, 3)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(K, dtype=np.int32), per_class)
+    images = patterns[labels] + noise * rng.normal(size=(len(labels), SIZE, SIZE, 3)).astype(np.float32)
+    return images, labels
+
+
+def _config():
+    """The tiny_config of conftest.py at 16x16 (module-scoped fixtures cannot use it)."""
+    from configs.common import base_config
+
+    c = base_config()
+    c.model.num_classes, c.model.image_size = 5, SIZE
+    c.hyper.encoder_widths, c.hyper.feature_dim, c.hyper.sketch_dim = (8, 16), 32, 32
+    c.hyper.hidden_dim, c.hyper.code_rank = 32, 8
+    return c
+
+
+@pytest.fixture(scope="module")
+def hyper():
+    # An rbg key: the hypernetwork's init compiles ~3x faster than with threefry.
+    c = _config()
+    return c, init_hyper_params(c, jax.random.key(0, impl="rbg"))
+
+
+@pytest.fixture(scope="module")
+def scratch_run():
+    x, y = _separable(15, seed=0)  # 300 images = 4 full batches of 64 + a padded batch of 44
+    tx, ty = _separable(5, seed=1)
+    run = baselines.train_from_scratch("resnet8", K, x, y, tx, ty, lr=3e-3, epochs=3,
+                                       batch_size=BATCH, seed=0)
+    return run, (x, y, tx, ty)
+
+
+def test_train_from_scratch_learns_and_clock_increases(scratch_run):
+    run, _ = scratch_run
+    acc, sec = run["epoch_accuracy"], run["epoch_seconds_cumulative"]
+    assert len(acc) == len(sec) == 4 and sec[0] == 0.0  # entry 0 = before training
+    assert all(b > a for a, b in zip(sec, sec[1:]))
+    assert acc[0] < 0.2 and acc[-1] >= 0.9, acc
+    assert run["steps_per_epoch"] == 5 and run["padding"] == "pad+mask"
+    assert run["compile_seconds"] > 0 and run["eval_seconds"] > 0
+    assert np.isnan(run["epoch_train_loss"][0])
+    assert run["epoch_train_loss"][-1] < run["epoch_train_loss"][1]
+
+
+def test_finetune_starts_from_given_variables_and_does_not_modify_them(scratch_run):
+    run, (x, y, tx, ty) = scratch_run
+    given = run["variables"]
+    before = jax.tree.map(np.array, given)
+    expected = accuracy("resnet8", given, tx, ty)
+    # Same shapes as scratch_run: reuses its compiled step.
+    ft = baselines.train_from_scratch("resnet8", K, x, y, tx, ty, lr=1e-3, epochs=1,
+                                      batch_size=BATCH, seed=1, init_variables=given)
+    assert ft["epoch_accuracy"][0] == expected
+    assert ft["compile_seconds"] == 0.0
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, given))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["params"],
+                           jax.tree.map(np.array, ft["variables"]["params"]))
+    assert any(jax.tree.leaves(changed))
+
+
+def test_masked_rows_do_not_change_the_step():
+    """Padding rows (mask False) have no effect on the update or the BatchNorm statistics."""
+    x, y = _separable(4, seed=2)
+    x, y = x[:BATCH], y[:BATCH]
+    variables = baselines.init_target("resnet8", K, x.shape[1:], seed=0)
+    params = variables["params"]
+    state = lambda: jax.tree.map(np.array, (params, variables["batch_stats"],
+                                            baselines._init_opt_state(params, 1e-3)))
+    step, _ = baselines.compiled_train_step("resnet8", K, state(), x.shape)
+    mask = np.arange(BATCH) < 40
+    garbage = x.copy()
+    garbage[40:] = 100.0
+    a, _ = step(state(), x, y, mask)
+    b, _ = step(state(), garbage, y, mask)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a[:2], b[:2])
+
+
+def test_nearest_prototype_is_perfect_on_separable_data(hyper):
+    config, hyper_params = hyper
+    sx, sy = _separable(15, seed=3, noise=0.01)
+    tx, ty = _separable(5, seed=4, noise=0.01)
+    task = types.SimpleNamespace(num_classes=K, test_images=tx, test_labels=ty,
+                                 dataset_batch=lambda: data.as_dataset_batch(sx, sy))
+    assert baselines.nearest_prototype_accuracy(config, hyper_params, task, chunk=100) == 1.0
+
+
+def test_baseline_encoder_is_the_hypernetworks_encoder(hyper):
+    """The standalone SetEncoder has exactly the tree of the hypernetwork's 'encoder' subtree,
+    so applying it on that subtree computes the hypernetwork's own features (names cannot drift)."""
+    from pudnet_jax.hypernet.encoder import SetEncoder
+
+    config, hyper_params = hyper
+    h = config.hyper
+    x, y = _separable(1, seed=5)
+    encoder = SetEncoder(tuple(h.encoder_widths), h.feature_dim, h.sketch_dim)
+    abstract = jax.eval_shape(lambda: encoder.init(jax.random.key(0), x, y, np.ones(len(y), bool), K))
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), abstract["params"])
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), hyper_params["params"]["encoder"])
+    assert got == want
+
+
+def test_speedup_and_time_to_reach():
+    acc, sec = [0.1, 0.4, 0.6, 0.8], [0.0, 2.0, 4.0, 6.0]
+    assert benchmark.time_to_reach(acc, sec, 0.6) == 4.0
+    assert benchmark.time_to_reach(acc, sec, 0.05) == 0.0
+    assert benchmark.time_to_reach(acc, sec, 0.9) is None
+    s = benchmark.speedup(acc, sec, 0.5, predict_seconds=0.01)
+    assert s["reached"] and s["scratch_seconds"] == 4.0 and s["ratio"] == pytest.approx(400.0)
+    assert s["text"] == "400x"
+    s = benchmark.speedup(acc, sec, 0.95, predict_seconds=0.02)
+    assert not s["reached"] and s["ratio"] == pytest.approx(300.0) and s["text"] == ">300x"
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
+    """2 intra-Omniglot tasks (20-way; 16x16 so it is quick), 1 with training baselines."""
+    c, hyper_params = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.num_eval_tasks = 2
+    c.eval.scratch_epochs, c.eval.finetune_epochs, c.eval.num_baseline_tasks = 2, 1, 1
+    c.eval.scratch_lrs = (1e-3, 3e-3)
+    export = str(tmp_path / "export")
+    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    out = str(tmp_path / "bench")
+    r = benchmark.run_benchmark(checkpoints.read_config(export), export, out, lr_tune_tasks=1,
+                                lr_tune_epochs=1, finetune_lrs=[0.0, 1e-4], predict_repeats=1,
+                                command="pytest")
+    for name in ("benchmark.json", "benchmark.md", "accuracy_vs_time.png", "per_task_scatter.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    saved = json.load(open(os.path.join(out, "benchmark.json")))
+    assert saved["predicted"]["n"] == 2 and saved["protocol"]["num_baseline_tasks"] == 1
+    assert len(saved["task_manifest"]["tasks"]) == 2 and saved["class_split"]["dataset"] == "omniglot"
+    assert saved["lr_tuning"]["best_lr"] in (1e-3, 3e-3)
+    assert saved["finetune_lr_tuning"]["lrs"] == [0.0, 1e-4]
+    assert saved["protocol"]["finetune_lr"] == saved["finetune_lr_tuning"]["best_lr"]
+    assert all(t.startswith("omniglot/meta_val") for t in saved["lr_tuning"]["tasks"])
+    assert len(saved["baseline_tasks"]["scratch"]["epoch_accuracy_mean"]) == 3
+    for key in ("machine", "seed", "command", "total_wall_seconds", "config"):
+        assert key in saved
+    assert 0.0 <= r["nearest_prototype"]["mean"] <= 1.0 and r["speedup"]["text"].endswith("x")
+    md = open(os.path.join(out, "benchmark.md")).read()
+    assert "Speedup" in md and "first 1 tasks only" in md and "Adam from scratch, epoch 2" in md
