@@ -12,7 +12,7 @@ held-out one is predicted whole from ``predict_shots`` (100) training images per
 on its full test split.
 """
 
-from configs.common import base_config, parse_arg
+from configs.common import apply_size_and_quick, base_config, parse_arg
 
 
 def get_config(arg=None):
@@ -31,20 +31,5 @@ def get_config(arg=None):
     # Meta-training heads are 10-way; the hypernetwork's parameters do not depend on the class
     # count, so evaluation predicts a head with as many classes as the held-out dataset has.
     c.model.num_classes = c.data.way
-    if args.size == "gpu":
-        c.model.target = "resnet18"
-        c.data.tasks_per_batch = 8
-        c.train.num_steps = 50_000
-    elif args.size != "cpu":
-        raise ValueError(f"size must be 'cpu' or 'gpu', got {args.size!r}.")
-    if args.quick:
-        c.train.num_steps = 300
-        c.train.warmup_steps = 20
-        c.train.eval_every = 100
-        c.train.checkpoint_every = 100
-        c.data.tasks_per_batch = 2
-        c.data.num_val_tasks = 4
-        c.hyper.encoder_widths = (32, 32, 64, 64)
-        c.hyper.hidden_dim = 128
-        c.hyper.code_rank = 16
+    apply_size_and_quick(c, args.size, args.quick)
     return c

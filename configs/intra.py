@@ -15,7 +15,7 @@ What it produces: ``DIR/metrics.jsonl``, ``DIR/checkpoints/``, ``DIR/curves.png`
 ``DIR/results.json`` with accuracy on the fixed unseen-class tasks vs the random-init baseline.
 """
 
-from configs.common import base_config, parse_arg
+from configs.common import apply_size_and_quick, base_config, parse_arg
 
 # Per-dataset defaults of DESIGN.md section 4.
 _DATASETS = {
@@ -36,21 +36,7 @@ def get_config(arg=None):
     for key, value in _DATASETS[args.dataset].items():
         c.data[key] = value
     c.model.num_classes = c.data.way
-    if args.size == "gpu":
-        c.model.target = "resnet18"
-        c.data.tasks_per_batch = 8
-        c.train.num_steps = 50_000
-    elif args.size != "cpu":
-        raise ValueError(f"size must be 'cpu' or 'gpu', got {args.size!r}.")
+    apply_size_and_quick(c, args.size, args.quick)
     if args.quick:
-        c.train.num_steps = 300
-        c.train.warmup_steps = 20
-        c.train.eval_every = 100
-        c.train.checkpoint_every = 100
-        c.data.tasks_per_batch = 2
-        c.data.num_val_tasks = 4
         c.data.num_eval_tasks = 20
-        c.hyper.encoder_widths = (32, 32, 64, 64)
-        c.hyper.hidden_dim = 128
-        c.hyper.code_rank = 16
     return c

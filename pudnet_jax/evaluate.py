@@ -26,6 +26,13 @@ def mean_and_ci95(values) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
+def _init_fn(target_name: str, num_classes: int):
+    """Jitted random initialisation (op-by-op init of a ResNet costs tens of seconds on CPU)."""
+    target = get_target(target_name, num_classes)
+    return jax.jit(lambda key, x: target.init(key, x, train=False))
+
+
+@functools.lru_cache(maxsize=16)
 def _logits_fn(target_name: str, num_classes: int):
     target = get_target(target_name, num_classes)
     return jax.jit(lambda variables, x: target.apply(variables, x, train=False))
@@ -77,8 +84,7 @@ class TaskEvaluator:
             test_x, test_y = task.test_images, task.test_labels
             predicted.append(accuracy(target_name, variables, test_x, test_y))
             if random_init_seed is not None:
-                target = get_target(target_name, task.num_classes)
-                init = target.init(jax.random.key(random_init_seed + i), test_x[:1], train=False)
+                init = _init_fn(target_name, task.num_classes)(jax.random.key(random_init_seed + i), test_x[:1])
                 random_init.append(accuracy(target_name, init, test_x, test_y))
         result = {"predicted": mean_and_ci95(predicted), "per_task_predicted": predicted,
                   "predict_seconds_median": float(np.median(seconds))}
