@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from pudnet_jax import checkpoints, data, distributed, parallel
@@ -282,6 +283,11 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
 
     train_step = jit_train_step(config, mesh)
     sampler = make_sampler(config)
+    if jax.process_count() > 1 and start < last:
+        # Compile before the first collective, then meet: processes compile at different speeds,
+        # and Gloo gives up on a peer that is more than 30 s late to its first all-reduce.
+        train_step = train_step.lower(state, parallel.shard_batch(sampler.batch(start), mesh)).compile()
+        multihost_utils.sync_global_devices("pudnet_jax: train step compiled")
     evaluator = TaskEvaluator(config)
     validate = Validator(config, evaluator) if config.train.eval_every else None
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=config.train.tensorboard)
