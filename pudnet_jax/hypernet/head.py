@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from pudnet_jax.hypernet.layers import TensorSpec
 
 
-def _set_path(tree: dict, path: Sequence[str], value) -> None:
+def set_path(tree: dict, path: Sequence[str], value) -> None:
+    """Sets ``tree[path[0]][path[1]]... = value``, creating the nested dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -73,7 +74,7 @@ class ParameterHead(nn.Module):
                 kernel = jnp.einsum("ip,abpq,jq->abij", in_codes[: s.c_in], cores[n], out_codes[: s.c_out])
                 rms = jnp.sqrt(jnp.mean(kernel**2) + 1e-8)
                 he_std = math.sqrt(2.0 / (k * k * s.c_in))
-                _set_path(params, s.path, kernel * (gains[n] * he_std / rms))
+                set_path(params, s.path, kernel * (gains[n] * he_std / rms))
 
         # BatchNorm: scale = 1 + U_out a(h), bias = U_out b(h); zero-initialised decoders start at
         # the standard (1, 0) and learn dataset-dependent offsets.
@@ -85,5 +86,5 @@ class ParameterHead(nn.Module):
             coeffs = decoder(embeddings[jnp.array(rows)]) / math.sqrt(r)
             for n, i in enumerate(rows):
                 s = self.specs[i]
-                _set_path(params, s.path, offset + out_codes[: s.c_out] @ coeffs[n])
+                set_path(params, s.path, offset + out_codes[: s.c_out] @ coeffs[n])
         return params

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
-from pudnet_jax.hypernet.head import ParameterHead
+from pudnet_jax.hypernet.head import ParameterHead, set_path
 from pudnet_jax.hypernet.layers import descriptor_features, describe_target
 from pudnet_jax.models import get_target
 
@@ -98,31 +98,27 @@ class PudNet(nn.Module):
             {"params": params, "batch_stats": init_stats}, images, train=True, mask=mask,
             features_only=True, mutable=["batch_stats"])
 
-        dense_specs = [s for s in specs if s.kind.startswith("dense")]
-        dense_path = dense_specs[0].path[:-1]
+        dense_row = next(i for i, s in enumerate(specs) if s.kind == "dense_kernel")
         kernel, bias = self._classifier(target_features, prototypes, sketch, labels, mask,
-                                        embeddings[jnp.array([i for i, s in enumerate(specs)
-                                                              if s.kind == "dense_kernel"])][0])
-        node = params
-        for key in dense_path[:-1]:
-            node = node.setdefault(key, {})
-        node[dense_path[-1]] = {"kernel": kernel, "bias": bias}
+                                        embeddings[dense_row])
+        dense_path = specs[dense_row].path[:-1]
+        set_path(params, dense_path + ("kernel",), kernel)
+        set_path(params, dense_path + ("bias",), bias)
         return {"params": params, "batch_stats": updates["batch_stats"]}
 
     def _classifier(self, target_features, encoder_prototypes, sketch, labels, mask, dense_embedding):
         """Dense kernel ``[D, K]`` and bias ``[K]``, one column per class, equivariant to relabelling."""
         feature_means, counts = class_prototypes(target_features, labels, mask, self.num_classes)
+        dim = target_features.shape[-1]
         if self.prototype_classifier:
             # -tau * ||f - mu_c||^2 = tau * (2 f.mu_c - ||mu_c||^2) - tau ||f||^2: the last term is
             # the same for every class, so a Dense layer computes the ProtoNet decision exactly.
-            dim = target_features.shape[-1]
             tau = jnp.exp(self.param("log_temperature", nn.initializers.zeros, ())) * (16.0 / dim)
             kernel = 2.0 * tau * feature_means.T
             bias = -tau * jnp.sum(feature_means**2, axis=-1)
         else:
             # Ablation: columns generated from the encoder's prototypes (and the Dense layer's
             # embedding from the recurrent cell) through learned maps; no target features used.
-            dim = target_features.shape[-1]
             rows = jnp.concatenate([
                 encoder_prototypes,
                 jnp.broadcast_to(sketch, (self.num_classes, sketch.shape[-1])),
