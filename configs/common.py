@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 20_000
+    c.train.init_from = ""  # export or workdir whose hyper params start a fresh run (warm start)
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 200
     c.train.end_lr_fraction = 0.01

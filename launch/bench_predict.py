@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from configs.common import base_config  # noqa: E402
 from pudnet_jax import baselines  # noqa: E402
+from pudnet_jax.evaluate import init_target  # noqa: E402
 from pudnet_jax.hypernet import build_hypernet  # noqa: E402
 from pudnet_jax.hypernet.encoder import SetEncoder  # noqa: E402
 from pudnet_jax.models import get_target  # noqa: E402
@@ -88,7 +89,7 @@ def bench_target(target: str, args) -> dict:
     jax.block_until_ready(bn_pass(variables, batch["image"], batch["mask"]))
 
     # One Adam step of the target on the same batch (fresh init, compiled ahead of time).
-    init = baselines.init_target(target, k, (32, 32, 3), args.seed)
+    init = init_target(target, k, (32, 32, 3), args.seed)
     state = (init["params"], init["batch_stats"], baselines._init_opt_state(init["params"], 1e-3))
     step, row["train_step_compile_s"] = baselines.compiled_train_step(target, k, state, (n, 32, 32, 3))
     box = [state]

@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import data  # pylint: disable=g-import-not-at-top
+from pudnet_jax.train import machine_description  # pylint: disable=g-import-not-at-top
 
 # name -> (setting, dataset, way, shots, queries)
 CONFIGS = {
@@ -26,17 +27,6 @@ CONFIGS = {
     'gtsrb': ('intra', 'gtsrb', 10, 10, 10),
     'inter': ('inter', 'cifar10', 10, 10, 10),  # sources: omniglot, gtsrb, fashion_mnist
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 def bench(name: str, args) -> None:
@@ -82,7 +72,8 @@ def main() -> None:
                         help='seconds of one meta-training step, to print the ratio')
     args = parser.parse_args()
     t0 = time.perf_counter()
-    print(f'machine: {cpu_model()}, {os.cpu_count()} CPUs, python {platform.python_version()}')
+    machine = machine_description()
+    print(f"machine: {machine['cpu']}, {machine['cpu_count']} CPUs, python {platform.python_version()}")
     print(f'seed {args.seed}, data {data.default_data_dir()}, steps {args.steps}')
     for name in args.configs:
         bench(name, args)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from pudnet_jax import baselines, checkpoints, data
-from pudnet_jax.evaluate import TaskEvaluator, accuracy, mean_and_ci95
+from pudnet_jax.evaluate import TaskEvaluator, accuracy, init_target, mean_and_ci95
 from pudnet_jax.train import machine_description, make_test_tasks
 
 
@@ -105,9 +105,8 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     for i, task in enumerate(tasks):
         variables, seconds, first = time_predict(evaluator, hyper_params, task, predict_repeats)
         test_x, test_y = task.test_images, task.test_labels
-        # Random init: seeds seed + 12345 + i as in train.final_evaluation (an rbg key, see
-        # baselines.init_target, so the draws differ from TaskEvaluator's, not the distribution).
-        random_vars = baselines.init_target(target_name, task.num_classes, test_x.shape[1:],
+        # Random init: seed + 12345 + i, the same draws as train.final_evaluation's.
+        random_vars = init_target(target_name, task.num_classes, test_x.shape[1:],
                                             config.seed + 12345 + i)
         per_task.append({
             "name": task.name, "predicted": accuracy(target_name, variables, test_x, test_y),

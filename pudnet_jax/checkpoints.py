@@ -96,6 +96,7 @@ class RunCheckpoints:
     """Latest train states (for resume) and the best hypernetwork params (for evaluation)."""
 
     def __init__(self, workdir: str, keep: int = 2):
+        self.workdir = workdir
         self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
         self.best = _manager(os.path.join(workdir, "best"), 1)
 

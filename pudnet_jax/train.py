@@ -251,6 +251,31 @@ def _progress(config, start, total):
     return tqdm(total=total, initial=start, desc="meta-train", unit="step", dynamic_ncols=True)
 
 
+def initial_train_state(config, mesh, ckpt: checkpoints.RunCheckpoints):
+    """The state a run starts from, replicated on ``mesh``, and its checkpoint metadata.
+
+    In order: the workdir's latest checkpoint (resume: nothing lost); else, if
+    ``config.train.init_from`` names an export or a workdir, a fresh state (step 0, fresh
+    optimiser) whose hypernetwork params are that checkpoint's (warm start, e.g. to continue
+    meta-training a shipped predictor with another task distribution); else a fresh state from
+    ``config.seed``. A warm start from another architecture raises ``ArchitectureMismatchError``.
+    """
+    state = jax.device_put(create_train_state(config, jax.random.key(config.seed)),
+                           parallel.replicated(mesh))
+    meta = {"best_val_accuracy": -1.0}
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, meta = ckpt.restore(abstract)
+        print(f"Resumed from step {int(state.step)} in {ckpt.workdir}")
+    elif config.train.init_from:
+        params, info = checkpoints.restore_hyper_params(config.train.init_from, config)
+        state = TrainState(step=state.step, params=jax.device_put(params, parallel.replicated(mesh)),
+                           opt_state=state.opt_state)  # Adam moments start at zero either way
+        meta["init_from"] = {"path": os.path.abspath(config.train.init_from), **info}
+        print(f"Warm start: hypernetwork params from {config.train.init_from} ({info})")
+    return state, meta
+
+
 def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict:
     """Meta-trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
 
@@ -271,12 +296,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     parallel.check_divisible(config.data.tasks_per_batch, mesh)
     ckpt = checkpoints.RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
 
-    state = jax.device_put(create_train_state(config, jax.random.key(config.seed)), parallel.replicated(mesh))
-    meta = {"best_val_accuracy": -1.0}
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, meta = ckpt.restore(abstract)
-        print(f"Resumed from step {int(state.step)} in {workdir}")
+    state, meta = initial_train_state(config, mesh, ckpt)
     start = int(state.step)
     num_steps = config.train.num_steps
     last = num_steps if stop_after is None else min(num_steps, stop_after)
@@ -323,7 +343,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
                 acc = validate(state.params)
                 writer.write(step, {"val_accuracy": acc})
                 if acc > meta["best_val_accuracy"]:
-                    meta = {"best_val_accuracy": acc, "best_step": step}
+                    meta = {**meta, "best_val_accuracy": acc, "best_step": step}
                     ckpt.save_best(step, state.params, meta)
             # Every process must take the same branch (a SIGTERM may reach only some of them).
             stopping = distributed.any_process(stop.requested)
@@ -375,9 +395,8 @@ def machine_description() -> dict:
     """CPU model / accelerator names, for every results file."""
     cpu = "unknown"
     if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__}

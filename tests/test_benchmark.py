@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pudnet_jax import baselines, benchmark, checkpoints, data
-from pudnet_jax.evaluate import accuracy
+from pudnet_jax.evaluate import accuracy, init_target
 from pudnet_jax.predict import init_hyper_params
 
 # Omniglot-task shapes: 20 classes, 300 support (15/class), 100 test (5/class), batch 64.
@@ -89,7 +89,7 @@ def test_masked_rows_do_not_change_the_step():
     """Padding rows (mask False) have no effect on the update or the BatchNorm statistics."""
     x, y = _separable(4, seed=2)
     x, y = x[:BATCH], y[:BATCH]
-    variables = baselines.init_target("resnet8", K, x.shape[1:], seed=0)
+    variables = init_target("resnet8", K, x.shape[1:], seed=0)
     params = variables["params"]
     state = lambda: jax.tree.map(np.array, (params, variables["batch_stats"],
                                             baselines._init_opt_state(params, 1e-3)))

@@ -132,3 +132,42 @@ def test_meta_training_learns_on_real_data(tiny_config):
     chance = 1 / 5
     assert after > before + 0.1, (before, after)
     assert after > 2.5 * chance, after
+
+
+def test_warm_start_from_a_checkpoint_then_resume_wins(tiny_config, tmp_path):
+    """``train.init_from``: a fresh run starts from another run's params (fresh optimiser, step 0);
+    once the new run has its own checkpoint, resuming from it takes precedence."""
+    from pudnet_jax.checkpoints import RunCheckpoints, restore_hyper_params
+    from pudnet_jax.train import initial_train_state
+
+    config = _small_run_config(tiny_config, num_steps=2)
+    config.train.eval_every = 0
+    train_and_evaluate(config, str(tmp_path / "source"), stop_after=2)
+    source, _ = restore_hyper_params(str(tmp_path / "source"), config)
+
+    config.train.init_from = str(tmp_path / "source")
+    mesh = parallel.make_mesh()
+    state, meta = initial_train_state(config, mesh, RunCheckpoints(str(tmp_path / "warm")))
+    assert int(state.step) == 0 and meta["init_from"]["step"] == 2
+    chex.assert_trees_all_equal(jax.device_get(state.params), jax.device_get(source))
+    fresh = create_train_state(config, jax.random.key(config.seed))
+    chex.assert_trees_all_equal(jax.device_get(state.opt_state), jax.device_get(fresh.opt_state))
+
+    train_and_evaluate(config, str(tmp_path / "warm"), stop_after=2)  # step 1 has lr 0 (warm-up)
+    resumed, _ = initial_train_state(config, mesh, RunCheckpoints(str(tmp_path / "warm")))
+    assert int(resumed.step) == 2
+    assert not np.array_equal(np.asarray(jax.tree.leaves(resumed.params)[0]),
+                              np.asarray(jax.tree.leaves(source)[0]))
+
+
+def test_warm_start_from_another_architecture_is_refused(tiny_config, tmp_path):
+    from pudnet_jax.checkpoints import ArchitectureMismatchError, RunCheckpoints
+    from pudnet_jax.train import initial_train_state
+
+    config = _small_run_config(tiny_config, num_steps=1)
+    config.train.eval_every = 0
+    train_and_evaluate(config, str(tmp_path / "source"), stop_after=1)
+    config.hyper.hidden_dim = 48
+    config.train.init_from = str(tmp_path / "source")
+    with pytest.raises(ArchitectureMismatchError):
+        initial_train_state(config, parallel.make_mesh(), RunCheckpoints(str(tmp_path / "new")))
