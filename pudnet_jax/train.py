@@ -168,7 +168,8 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
     """
     d = config.data
     dataset = d.dataset if d.setting == "intra" else d.held_out
-    pools = data.meta_train_pools(d.setting, dataset, split_seed=d.split_seed, **prepare_kwargs(config))
+    pools = data.meta_train_pools(d.setting, dataset, split_seed=d.split_seed,
+                                  rotations=d.get("class_rotations", 1), **prepare_kwargs(config))
     way = (d.min_way, d.way) if d.min_way else d.way
     offset, tasks = (distributed.process_task_range(d.tasks_per_batch) if process_share
                      else (0, d.tasks_per_batch))

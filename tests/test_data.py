@@ -262,6 +262,32 @@ def test_augment_crops_and_flips():
     assert shifted.shape == x.shape and set(np.unique(shifted)) <= set(np.unique(x)) | {0}
 
 
+def test_class_rotations_are_new_classes_with_rotated_images():
+    fake = _fake_prepared(num_classes=3, per_class=4)
+    plain = data.TaskSampler([data.ClassPool(fake, (0, 1, 2))], 3, 2, 1, 4, seed=5)
+    pool = data.ClassPool(fake, (0, 1, 2), rotations=4)
+    assert pool.num_classes == 12
+    s = data.TaskSampler([pool], way=12, shots=2, queries=1, tasks_per_batch=4, seed=5)
+    seen = set()
+    for step in range(5):
+        batch, info = s.batch(step, return_info=True)
+        for t, task in enumerate(info):
+            assert len(task['classes']) == 12  # all 3 x 4 (class, turns) pairs, each once
+            assert len(set(zip(task['classes'], task['rotations']))) == 12
+            for j, (turns, idx) in enumerate(zip(task['rotations'], task['support_indices'].reshape(12, 2))):
+                np.testing.assert_array_equal(batch['support']['image'][t, 2 * j:2 * j + 2],
+                                              np.rot90(fake.images[idx], turns, axes=(1, 2)))
+                assert (batch['support']['label'][t, 2 * j:2 * j + 2] == j).all()
+            seen.update(task['rotations'])
+    assert seen == {0, 1, 2, 3}
+    _, info = plain.batch(3, return_info=True)  # default: no rotation
+    assert all(set(task['rotations']) == {0} for task in info)
+    with pytest.raises(ValueError, match='rotations'):
+        data.ClassPool(fake, (0, 1), rotations=3)
+    with pytest.raises(ValueError, match='intra'):
+        data.meta_train_pools('inter', 'cifar10', rotations=4)
+
+
 def test_sampler_validates():
     fake = _fake_prepared(num_classes=3, per_class=4)
     with pytest.raises(ValueError, match='fewer than shots'):

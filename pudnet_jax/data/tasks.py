@@ -71,11 +71,15 @@ class ClassPool:
     """Classes of one prepared dataset split that meta-training tasks may use.
 
     flip=None takes FLIP_PRESERVES_CLASS[data.name] (False for unknown datasets).
+    rotations=4 makes every class also appear rotated by 90, 180 and 270 degrees as three new
+    classes (the usual Omniglot class augmentation: a rotated character is another character),
+    so tasks draw from len(classes) * rotations classes.
     """
 
     data: preprocess.PreparedDataset
     classes: tuple[int, ...]
     flip: bool | None = None
+    rotations: int = 1
 
     def __post_init__(self):
         classes = tuple(int(c) for c in self.classes)
@@ -84,6 +88,12 @@ class ClassPool:
             raise ValueError(f'{self.data.name}[{self.data.split}] pool: classes '
                              f'{missing[:10] or "()"} have no images in this split')
         object.__setattr__(self, 'classes', classes)
+        if self.rotations not in (1, 2, 4):
+            raise ValueError(f'rotations must be 1, 2 or 4 (multiples of 90 degrees); got '
+                             f'{self.rotations}')
+        if self.rotations > 1 and self.data.images.shape[1] != self.data.images.shape[2]:
+            raise ValueError(f'rotations need square images; {self.data.name} has '
+                             f'{self.data.images.shape[1:3]}')
         if self.flip is None:
             object.__setattr__(self, 'flip', FLIP_PRESERVES_CLASS.get(self.data.name, False))
 
@@ -91,21 +101,30 @@ class ClassPool:
     def name(self) -> str:
         return self.data.name
 
+    @property
+    def num_classes(self) -> int:
+        """Classes tasks can draw from, rotated copies included."""
+        return len(self.classes) * self.rotations
 
-def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, **prepare_kwargs
-                     ) -> list[ClassPool]:
+
+def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotations: int = 1,
+                     **prepare_kwargs) -> list[ClassPool]:
     """The class pools of DESIGN.md section 4 for meta-training.
 
     intra: one pool, the train split of `dataset` restricted to its split's meta_train classes.
     inter: `dataset` is the held-out one; one pool per other dataset, all classes of its train
       split (for Omniglot that is the background set: the evaluation alphabets stay unused).
+    rotations: see `ClassPool` (intra only: in the inter setting they would turn natural images
+      upside down).
     prepare_kwargs go to `preprocess.prepare` (data_dir, image_size, channels, cache_dir, ...).
     """
     if setting == 'intra':
         split = splits.class_split(dataset, split_seed, prepare_kwargs.get('data_dir'),
                                    prepare_kwargs.get('backend', 'auto'))
         return [ClassPool(preprocess.prepare(dataset, 'train', **prepare_kwargs),
-                          split.meta_train)]
+                          split.meta_train, rotations=rotations)]
+    if rotations != 1:
+        raise ValueError('class rotations are for the intra setting only')
     if setting == 'inter':
         pools = []
         for source in splits.inter_split(dataset).sources:
@@ -119,6 +138,7 @@ def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, **prepa
 class _TaskPlan:
     pool: int
     classes: np.ndarray  # original class ids in label order
+    rotations: np.ndarray  # per class, quarter turns applied to its images (ClassPool.rotations)
     support: np.ndarray  # [K*S] indices into the pool's dataset, class-major
     query: np.ndarray  # [K*Q]
 
@@ -192,14 +212,20 @@ class TaskSampler:
     def _plan(self, rng: np.random.Generator) -> _TaskPlan:
         pool_index = int(rng.choice(len(self.pools), p=self.weights))
         pool = self.pools[pool_index]
-        k = min(int(rng.integers(self.min_way, self.max_way + 1)), len(pool.classes))
+        k = min(int(rng.integers(self.min_way, self.max_way + 1)), pool.num_classes)
         # choice without replacement returns the classes in random order: that order is the
         # per-task label remapping (label j <-> classes[j]).
-        classes = rng.choice(np.asarray(pool.classes), k, replace=False)
+        if pool.rotations == 1:
+            classes = rng.choice(np.asarray(pool.classes), k, replace=False)
+            rotations = np.zeros(k, np.int64)
+        else:  # class j of the task is (original class, quarter turns) = divmod(virtual id)
+            virtual = rng.choice(pool.num_classes, k, replace=False)
+            classes = np.asarray(pool.classes)[virtual // pool.rotations]
+            rotations = (virtual % pool.rotations) * (4 // pool.rotations)
         picks = np.stack([rng.choice(pool.data.class_indices[int(c)],
                                      self.shots + self.queries, replace=False)
                           for c in classes])  # [K, S+Q]
-        return _TaskPlan(pool_index, classes, picks[:, :self.shots].ravel(),
+        return _TaskPlan(pool_index, classes, rotations, picks[:, :self.shots].ravel(),
                          picks[:, self.shots:].ravel())
 
     def task_classes(self, step: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -230,6 +256,8 @@ class TaskSampler:
             for part, idx, per_class in (('support', plan.support, self.shots),
                                          ('query', plan.query, self.queries)):
                 images = pool.data.images[idx]
+                if plan.rotations.any():
+                    images = _rotate_classes(images, plan.rotations, per_class)
                 if self.augment:
                     images = augment_images(images, rng, flip=pool.flip)
                 out, n = batch[part], len(idx)
@@ -237,6 +265,7 @@ class TaskSampler:
                 out['label'][t, :n] = np.repeat(np.arange(len(plan.classes)), per_class)
                 out['mask'][t, :n] = True
             info.append({'dataset': pool.name, 'classes': tuple(int(c) for c in plan.classes),
+                         'rotations': tuple(int(r) for r in plan.rotations),
                          'support_indices': plan.support, 'query_indices': plan.query})
         return (batch, info) if return_info else batch
 
@@ -249,6 +278,13 @@ class TaskSampler:
         """
         stop = start_step + num_steps if num_steps is not None else None
         return PrefetchIterator(self.batch, start_step, stop, prefetch)
+
+
+def _rotate_classes(images: np.ndarray, quarter_turns: np.ndarray, per_class: int) -> np.ndarray:
+    """Rotates the class-major blocks of `images` ([K*per_class, H, W, C]) by their class's turns."""
+    blocks = images.reshape(len(quarter_turns), per_class, *images.shape[1:])
+    return np.concatenate([np.rot90(block, int(turns), axes=(1, 2))
+                           for block, turns in zip(blocks, quarter_turns)])
 
 
 def augment_images(images: np.ndarray, rng: np.random.Generator, flip: bool,
