@@ -302,6 +302,10 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
+    if not f["verbosity"].present:  # Orbax logs every read at INFO (as in main.py)
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)
     config = f.config if f.config is not None else checkpoints.read_config(f.checkpoint)
     config = copy.deepcopy(config)
     with config.unlocked():
