@@ -163,8 +163,13 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     assert saved["protocol"]["finetune_lr"] == saved["finetune_lr_tuning"]["best_lr"]
     assert all(t.startswith("omniglot/meta_val") for t in saved["lr_tuning"]["tasks"])
     assert len(saved["baseline_tasks"]["scratch"]["epoch_accuracy_mean"]) == 3
-    for key in ("machine", "seed", "command", "total_wall_seconds", "config"):
+    for key in ("machine", "seed", "command", "total_wall_seconds", "config", "load_average"):
         assert key in saved
+    # The speedup's predict time is the mean of the timings before and after the baselines.
+    first = saved["per_task"][0]
+    assert saved["speedup"]["predict_seconds"] == pytest.approx(
+        (first["predict_seconds"] + first["predict_seconds_after_scratch"]) / 2)
+    assert "predict_seconds_after_scratch" not in saved["per_task"][1]  # no baselines there
     assert 0.0 <= r["nearest_prototype"]["mean"] <= 1.0 and r["speedup"]["text"].endswith("x")
     md = open(os.path.join(out, "benchmark.md")).read()
     assert "Speedup" in md and "first 1 tasks only" in md and "Adam from scratch, epoch 2" in md
