@@ -140,7 +140,7 @@ def test_warm_start_from_a_checkpoint_then_resume_wins(tiny_config, tmp_path):
     from pudnet_jax.checkpoints import RunCheckpoints, restore_hyper_params
     from pudnet_jax.train import initial_train_state
 
-    config = _small_run_config(tiny_config, num_steps=2)
+    config = _small_run_config(tiny_config, num_steps=3)  # stop_after < num_steps: no final eval
     config.train.eval_every = 0
     train_and_evaluate(config, str(tmp_path / "source"), stop_after=2)
     source, _ = restore_hyper_params(str(tmp_path / "source"), config)
@@ -164,7 +164,7 @@ def test_warm_start_from_another_architecture_is_refused(tiny_config, tmp_path):
     from pudnet_jax.checkpoints import ArchitectureMismatchError, RunCheckpoints
     from pudnet_jax.train import initial_train_state
 
-    config = _small_run_config(tiny_config, num_steps=1)
+    config = _small_run_config(tiny_config, num_steps=2)
     config.train.eval_every = 0
     train_and_evaluate(config, str(tmp_path / "source"), stop_after=1)
     config.hyper.hidden_dim = 48
