@@ -108,7 +108,7 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         test_x, test_y = task.test_images, task.test_labels
         # Random init: seed + 12345 + i, the same draws as train.final_evaluation's.
         random_vars = init_target(target_name, task.num_classes, test_x.shape[1:],
-                                            config.seed + 12345 + i)
+                                  config.seed + 12345 + i)
         per_task.append({
             "name": task.name, "predicted": accuracy(target_name, variables, test_x, test_y),
             "random_init": accuracy(target_name, random_vars, test_x, test_y),

@@ -270,8 +270,8 @@ def initial_train_state(config, mesh, ckpt: checkpoints.RunCheckpoints):
         print(f"Resumed from step {int(state.step)} in {ckpt.workdir}")
     elif config.train.init_from:
         params, info = checkpoints.restore_hyper_params(config.train.init_from, config)
-        state = TrainState(step=state.step, params=jax.device_put(params, parallel.replicated(mesh)),
-                           opt_state=state.opt_state)  # Adam moments start at zero either way
+        # Adam's moments start at zero whatever the params, so the fresh opt_state fits.
+        state = state.replace(params=jax.device_put(params, parallel.replicated(mesh)))
         meta["init_from"] = {"path": os.path.abspath(config.train.init_from), **info}
         print(f"Warm start: hypernetwork params from {config.train.init_from} ({info})")
     return state, meta

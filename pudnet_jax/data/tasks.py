@@ -214,14 +214,12 @@ class TaskSampler:
         pool = self.pools[pool_index]
         k = min(int(rng.integers(self.min_way, self.max_way + 1)), pool.num_classes)
         # choice without replacement returns the classes in random order: that order is the
-        # per-task label remapping (label j <-> classes[j]).
-        if pool.rotations == 1:
-            classes = rng.choice(np.asarray(pool.classes), k, replace=False)
-            rotations = np.zeros(k, np.int64)
-        else:  # class j of the task is (original class, quarter turns) = divmod(virtual id)
-            virtual = rng.choice(pool.num_classes, k, replace=False)
-            classes = np.asarray(pool.classes)[virtual // pool.rotations]
-            rotations = (virtual % pool.rotations) * (4 // pool.rotations)
+        # per-task label remapping (label j <-> classes[j]). Class j of the task is (original
+        # class, quarter turns) = divmod(virtual id, rotations); with rotations=1 this draws
+        # exactly what choosing from `pool.classes` directly did, so old task streams are kept.
+        virtual = rng.choice(pool.num_classes, k, replace=False)
+        classes = np.asarray(pool.classes)[virtual // pool.rotations]
+        rotations = (virtual % pool.rotations) * (4 // pool.rotations)
         picks = np.stack([rng.choice(pool.data.class_indices[int(c)],
                                      self.shots + self.queries, replace=False)
                           for c in classes])  # [K, S+Q]
