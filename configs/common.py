@@ -51,7 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.hyper.max_channels = 512
     c.hyper.recurrent = True
     c.hyper.sketch_conditioning = True
-    c.hyper.prototype_classifier = True
+    # How the target's Dense layer is solved from its own features on the dataset batch:
+    # prototype (class means) | ridge (closed-form ridge regression) | generated (ablation).
+    c.hyper.classifier = "prototype"
+    c.hyper.ridge_lambda = 0.01  # ridge only; relative to the features' variance
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

@@ -20,7 +20,7 @@ declare -A VARIANT=(
   [full]=""
   [no_recurrent]="--config.hyper.recurrent=False"
   [no_sketch]="--config.hyper.sketch_conditioning=False"
-  [no_prototype]="--config.hyper.prototype_classifier=False"
+  [no_prototype]="--config.hyper.classifier=generated"
 )
 
 jobs_list=()

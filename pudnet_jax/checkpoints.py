@@ -37,6 +37,20 @@ class ArchitectureMismatchError(ValueError):
     """A checkpoint was written for a hypernetwork of another shape than the config asks for."""
 
 
+def upgrade_legacy_config(saved: dict) -> dict:
+    """A saved config dict in today's schema (older exports and workdirs stay loadable).
+
+    - ``hyper.prototype_classifier`` (bool, before ``hyper.classifier`` existed): True is
+      ``classifier='prototype'``, False the ablation ``classifier='generated'``.
+    """
+    saved = json.loads(json.dumps(saved))
+    hyper = saved.get("hyper", {})
+    if "prototype_classifier" in hyper and "classifier" not in hyper:
+        hyper["classifier"] = "prototype" if hyper.pop("prototype_classifier") else "generated"
+        hyper.setdefault("ridge_lambda", 0.01)
+    return saved
+
+
 def architecture_of(config) -> dict:
     """The part of a config a checkpoint's parameter shapes depend on."""
     arch = {k: config[k].to_dict() for k in ARCHITECTURE_FIELDS}
@@ -46,7 +60,7 @@ def architecture_of(config) -> dict:
 
 def check_same_architecture(saved: dict, config, where: str) -> None:
     """Raises ``ArchitectureMismatchError`` listing the fields that differ."""
-    saved_arch = architecture_of(ml_collections.ConfigDict(saved))
+    saved_arch = architecture_of(ml_collections.ConfigDict(upgrade_legacy_config(saved)))
     live_arch = architecture_of(config)
     diffs = []
     for section in live_arch:
@@ -81,7 +95,7 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"No config.json in {directory!r}: not a pudnet_jax workdir or export.")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(upgrade_legacy_config(json.load(f)))
 
 
 def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:

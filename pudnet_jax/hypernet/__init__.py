@@ -26,5 +26,6 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         max_channels=hyper.max_channels,
         recurrent=hyper.recurrent,
         sketch_conditioning=hyper.sketch_conditioning,
-        prototype_classifier=hyper.prototype_classifier,
+        classifier=hyper.classifier,
+        ridge_lambda=float(hyper.ridge_lambda),
     )

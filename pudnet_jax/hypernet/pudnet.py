@@ -6,8 +6,10 @@
       -> ParameterHead         conv kernels + BatchNorm scale/bias in the target's exact tree
       -> BatchNorm pass        one masked forward pass of the target over the same batch fills
                                batch_stats and yields the target's own penultimate features
-      -> prototype classifier  Dense rows = class means of those features (ProtoNet as a linear
-                               layer), so any class count works and relabelling permutes columns
+      -> classifier            the Dense layer, solved from those features and the labels:
+                               'prototype' (ProtoNet as a linear layer: columns = class means) or
+                               'ridge' (closed-form ridge regression onto one-hot labels); any class
+                               count works and relabelling permutes columns
       -> {'params', 'batch_stats'}
 """
 
@@ -22,12 +24,17 @@ import jax.numpy as jnp
 
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
+from pudnet_jax.hypernet.ridge import ridge_classifier
 from pudnet_jax.hypernet.head import ParameterHead, set_path
 from pudnet_jax.hypernet.layers import descriptor_features, describe_target
 from pudnet_jax.models import get_target
 
 # Logit bias for classes with no example in the batch (variable-way meta-training pads classes).
 ABSENT_CLASS_BIAS = -1e9
+CLASSIFIERS = ("prototype", "ridge", "generated")
+# Ridge logits regress one-hot labels (about 0..1); this fixed factor times the learned
+# temperature (initially 1) gives the cross-entropy a useful scale from step 0.
+RIDGE_LOGIT_SCALE = 10.0
 
 
 @functools.lru_cache(maxsize=32)
@@ -56,8 +63,12 @@ class PudNet(nn.Module):
       code_rank, max_channels: parameter-head sizes (see ``ParameterHead``).
       recurrent: ablation switch; False embeds each layer independently.
       sketch_conditioning: ablation switch; False removes the sketch from the cell.
-      prototype_classifier: ablation switch; False generates the classifier from the encoder's
-        prototypes with a learned map instead of using the target's own feature means.
+      classifier: how the Dense layer is obtained from the target's own penultimate features
+        on the dataset batch: 'prototype' (class means, ProtoNet), 'ridge' (closed-form ridge
+        regression, ``pudnet_jax.hypernet.ridge``; uses every example, not only class means), or
+        'generated' (ablation: columns generated from the encoder's prototypes by a learned
+        map, without the target's features).
+      ridge_lambda: L2 strength of the ridge classifier, relative to the features' variance.
     """
 
     target_name: str
@@ -71,10 +82,13 @@ class PudNet(nn.Module):
     max_channels: int = 512
     recurrent: bool = True
     sketch_conditioning: bool = True
-    prototype_classifier: bool = True
+    classifier: str = "prototype"
+    ridge_lambda: float = 0.01
 
     @nn.compact
     def __call__(self, images, labels, mask):
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"hyper.classifier must be one of {CLASSIFIERS}; got {self.classifier!r}.")
         image_shape = tuple(self.image_shape)
         specs = target_specs(self.target_name, self.num_classes, image_shape)
         _, prototypes, _, sketch = SetEncoder(
@@ -110,12 +124,19 @@ class PudNet(nn.Module):
         """Dense kernel ``[D, K]`` and bias ``[K]``, one column per class, equivariant to relabelling."""
         feature_means, counts = class_prototypes(target_features, labels, mask, self.num_classes)
         dim = target_features.shape[-1]
-        if self.prototype_classifier:
+        if self.classifier == "prototype":
             # -tau * ||f - mu_c||^2 = tau * (2 f.mu_c - ||mu_c||^2) - tau ||f||^2: the last term is
             # the same for every class, so a Dense layer computes the ProtoNet decision exactly.
             tau = jnp.exp(self.param("log_temperature", nn.initializers.zeros, ())) * (16.0 / dim)
             kernel = 2.0 * tau * feature_means.T
             bias = -tau * jnp.sum(feature_means**2, axis=-1)
+        elif self.classifier == "ridge":
+            # Same parameter as the prototype classifier's (a scalar), so a prototype-trained
+            # hypernetwork warm-starts a ridge one (train.init_from) without any tree surgery.
+            tau = jnp.exp(self.param("log_temperature", nn.initializers.zeros, ())) * RIDGE_LOGIT_SCALE
+            kernel, bias = ridge_classifier(target_features, labels, mask, self.num_classes,
+                                            self.ridge_lambda)
+            kernel, bias = tau * kernel, tau * bias
         else:
             # Ablation: columns generated from the encoder's prototypes (and the Dense layer's
             # embedding from the recurrent cell) through learned maps; no target features used.

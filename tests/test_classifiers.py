@@ -1,0 +1,111 @@
+"""Classifiers of the predicted network: the closed-form ridge solve, and config compatibility."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pudnet_jax.hypernet.ridge import ridge_classifier
+from pudnet_jax.predict import init_hyper_params, make_predict_fn
+
+
+def _features(n=60, dim=8, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n).astype(np.int32)
+    centres = rng.normal(size=(k, dim)) * 3.0
+    features = (centres[labels] + rng.normal(size=(n, dim)) + 5.0).astype(np.float32)
+    return features, labels
+
+
+def test_matches_the_normal_equations_solved_in_float64():
+    features, labels = _features()
+    k, lam = 4, 0.05
+    kernel, bias = ridge_classifier(jnp.asarray(features), jnp.asarray(labels),
+                                    jnp.ones(len(labels), bool), k, lam)
+    # Reference: the same objective written out directly in NumPy float64.
+    x = features.astype(np.float64)
+    centred = x - x.mean(0)
+    scale = np.sqrt((centred**2).mean())
+    xs = centred / scale
+    y = np.eye(k)[labels]
+    yc = y - y.mean(0)
+    w = np.linalg.solve(xs.T @ xs / len(x) + lam * np.eye(x.shape[1]), xs.T @ yc / len(x))
+    expected_logits = xs @ w + y.mean(0)
+    logits = features @ np.asarray(kernel) + np.asarray(bias)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    # And it is a minimiser: the gradient of the ridge objective vanishes there.
+    grad = xs.T @ (xs @ w - yc) / len(x) + lam * w
+    assert np.abs(grad).max() < 1e-10
+
+
+def test_separates_training_classes_and_ignores_masked_rows():
+    features, labels = _features(n=80, k=4, seed=1)
+    mask = np.ones(len(labels), bool)
+    kernel, bias = ridge_classifier(features, labels, mask, 4, 1e-3)
+    train_acc = np.mean(np.argmax(features @ kernel + bias, -1) == labels)
+    assert train_acc > 0.95
+    garbage, garbage_labels = _features(n=30, k=4, seed=2)
+    padded_f = np.concatenate([features, garbage * 50.0])
+    padded_y = np.concatenate([labels, garbage_labels])
+    padded_m = np.concatenate([mask, np.zeros(30, bool)])
+    kernel2, bias2 = ridge_classifier(padded_f, padded_y, padded_m, 4, 1e-3)
+    np.testing.assert_allclose(kernel2, kernel, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bias2, bias, rtol=1e-4, atol=1e-5)
+
+
+def test_relabelling_permutes_columns_and_absent_classes_get_zero_columns():
+    features, labels = _features(k=3)
+    kernel, bias = ridge_classifier(features, labels, np.ones(len(labels), bool), 5, 0.01)
+    # Classes 3 and 4 have no example: zero column, zero intercept (PudNet then masks them).
+    np.testing.assert_allclose(np.asarray(kernel)[:, 3:], 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bias)[3:], 0.0, atol=1e-6)
+    perm = np.array([2, 0, 1, 4, 3])
+    kernel_p, bias_p = ridge_classifier(features, perm[labels], np.ones(len(labels), bool), 5, 0.01)
+    np.testing.assert_allclose(np.asarray(kernel_p)[:, perm], kernel, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bias_p)[perm], bias, rtol=1e-4, atol=1e-5)
+
+
+def test_non_positive_lambda_is_refused():
+    features, labels = _features()
+    with pytest.raises(ValueError, match="ridge_lambda"):
+        ridge_classifier(features, labels, np.ones(len(labels), bool), 4, 0.0)
+
+
+def test_ridge_and_prototype_hypernetworks_share_one_parameter_tree(tiny_config):
+    """So a prototype-trained predictor warm-starts (or is evaluated as) a ridge one."""
+    proto = init_hyper_params(tiny_config, jax.random.key(0))
+    tiny_config.hyper.classifier = "ridge"
+    ridge = init_hyper_params(tiny_config, jax.random.key(0))
+    assert jax.tree.structure(proto) == jax.tree.structure(ridge)
+    rng = np.random.default_rng(0)
+    labels = np.arange(20, dtype=np.int32) % 5
+    images = rng.normal(size=(20, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None]
+    batch = {"image": images, "label": labels}
+    variables = jax.jit(make_predict_fn(tiny_config, 5))(ridge, batch)
+    assert np.isfinite(np.asarray(variables["params"]["Dense_0"]["kernel"])).all()
+    # Unknown classifier names fail at once with the allowed values.
+    tiny_config.hyper.classifier = "svm"
+    with pytest.raises(ValueError, match="prototype"):
+        make_predict_fn(tiny_config, 5)(ridge, batch)
+
+
+def test_configs_saved_before_the_classifier_field_still_load(tmp_path, tiny_config):
+    """Exports and workdirs written with ``hyper.prototype_classifier`` (the committed predictors
+    of sessions 1-2) load, resume and compare as the equivalent ``hyper.classifier``."""
+    import json
+
+    from pudnet_jax import checkpoints
+
+    for legacy_value, expected in ((True, "prototype"), (False, "generated")):
+        saved = json.loads(tiny_config.to_json())
+        del saved["hyper"]["classifier"], saved["hyper"]["ridge_lambda"]
+        saved["hyper"]["prototype_classifier"] = legacy_value
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        config = checkpoints.read_config(str(tmp_path))
+        assert config.hyper.classifier == expected and "prototype_classifier" not in config.hyper
+        live = tiny_config.copy_and_resolve_references()
+        live.hyper.classifier = expected
+        checkpoints.check_same_architecture(saved, live, "legacy")  # no mismatch
+        live.hyper.classifier = "ridge"
+        with pytest.raises(checkpoints.ArchitectureMismatchError, match="hyper.classifier"):
+            checkpoints.check_same_architecture(saved, live, "legacy")
