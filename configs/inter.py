@@ -28,6 +28,9 @@ def get_config(arg=None):
     c.data.queries = 10
     c.data.predict_shots = 100
     c.data.augment = True
+    # A whole dataset (100 images per class given to predict): the ridge classifier uses them
+    # all, where class means keep one vector per class (RESULTS.md section 1.1).
+    c.hyper.classifier = "ridge"
     # Meta-training heads are 10-way; the hypernetwork's parameters do not depend on the class
     # count, so evaluation predicts a head with as many classes as the held-out dataset has.
     c.model.num_classes = c.data.way

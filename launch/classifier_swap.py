@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags, logging
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from pudnet_jax import baselines, checkpoints
 from pudnet_jax.evaluate import TaskEvaluator, mean_and_ci95
 from pudnet_jax.train import machine_description, make_test_tasks

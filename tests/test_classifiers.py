@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pudnet_jax.hypernet.ridge import ridge_classifier
+from pudnet_jax.models import get_target
 from pudnet_jax.predict import init_hyper_params, make_predict_fn
 
 
@@ -81,8 +82,19 @@ def test_ridge_and_prototype_hypernetworks_share_one_parameter_tree(tiny_config)
     labels = np.arange(20, dtype=np.int32) % 5
     images = rng.normal(size=(20, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None]
     batch = {"image": images, "label": labels}
-    variables = jax.jit(make_predict_fn(tiny_config, 5))(ridge, batch)
+    predict = jax.jit(make_predict_fn(tiny_config, 5))
+    variables = predict(ridge, batch)
     assert np.isfinite(np.asarray(variables["params"]["Dense_0"]["kernel"])).all()
+    # Inside PudNet too, masked padding rows change nothing (up to the float32 solve's
+    # conditioning: 20 rows, 64 features, held up by lambda) and the ridge fits its own batch.
+    padded = {"image": np.concatenate([images, 100 * images[:7]]),
+              "label": np.concatenate([labels, labels[:7]]),
+              "mask": np.arange(27) < 20}
+    target = get_target("resnet8", 5)
+    logits = np.asarray(target.apply(variables, images, train=False))
+    logits_padded = np.asarray(target.apply(predict(ridge, padded), images, train=False))
+    np.testing.assert_allclose(logits_padded, logits, rtol=1e-3, atol=3e-3)
+    assert np.mean(logits.argmax(-1) == labels) == 1.0
     # Unknown classifier names fail at once with the allowed values.
     tiny_config.hyper.classifier = "svm"
     with pytest.raises(ValueError, match="prototype"):
