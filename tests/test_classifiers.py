@@ -121,3 +121,12 @@ def test_configs_saved_before_the_classifier_field_still_load(tmp_path, tiny_con
         live.hyper.classifier = "ridge"
         with pytest.raises(checkpoints.ArchitectureMismatchError, match="hyper.classifier"):
             checkpoints.check_same_architecture(saved, live, "legacy")
+
+
+def test_presets_use_ridge_where_predict_sees_many_images_per_class():
+    from configs import inter, intra
+
+    assert intra.get_config("omniglot").hyper.classifier == "prototype"  # 15 shots
+    assert intra.get_config("gtsrb").hyper.classifier == "ridge"  # 100 per class
+    assert intra.get_config("cifar100").hyper.classifier == "ridge"
+    assert inter.get_config("cifar10").hyper.classifier == "ridge"
