@@ -24,7 +24,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints
-from pudnet_jax.evaluate import TaskEvaluator, mean_and_ci95
+from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
 from pudnet_jax.train import machine_description, make_test_tasks
 
 flags.DEFINE_string("checkpoint", None, "Export dir or training workdir.", required=True)
@@ -51,14 +51,17 @@ def main(argv):
     val_tasks = baselines.lr_tuning_tasks(config, FLAGS.num_val_tasks)
     test_tasks = make_test_tasks(config)
 
-    sweep = {lam: _score(config, hyper_params, val_tasks, "ridge", lam)["predicted"]["mean"]
-             for lam in FLAGS.ridge_lambdas}
+    ridge_val = {lam: _score(config, hyper_params, val_tasks, "ridge", lam)["predicted"]
+                 for lam in FLAGS.ridge_lambdas}
+    sweep = {lam: stats["mean"] for lam, stats in ridge_val.items()}
     best_lambda = max(sweep, key=sweep.get)
     rows = {"trained_with": config.hyper.classifier}
-    for name, lam in (("prototype", None), ("ridge", best_lambda)):
-        val = _score(config, hyper_params, val_tasks, name, lam)
+    prototype_val = _score(config, hyper_params, val_tasks, "prototype")["predicted"]
+    # The ridge's meta-val score at the chosen strength is the sweep's.
+    for name, lam, val in (("prototype", None, prototype_val),
+                           ("ridge", best_lambda, ridge_val[best_lambda])):
         test = _score(config, hyper_params, test_tasks, name, lam)
-        rows[name] = {"ridge_lambda": lam, "meta_val": val["predicted"], "unseen": test["predicted"],
+        rows[name] = {"ridge_lambda": lam, "meta_val": val, "unseen": test["predicted"],
                       "per_task_unseen": test["per_task_predicted"]}
     diff = [r - p for r, p in zip(rows["ridge"]["per_task_unseen"], rows["prototype"]["per_task_unseen"])]
     result = {
@@ -73,16 +76,15 @@ def main(argv):
     os.makedirs(FLAGS.output, exist_ok=True)
     with open(os.path.join(FLAGS.output, "swap.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['ci95']:.2f}" if s["n"] > 1 else f"{100 * s['mean']:.2f}"
     lines = [f"Checkpoint `{FLAGS.checkpoint}` (meta-trained with the {rows['trained_with']} classifier), "
              f"evaluated zero-shot with each classifier.", "",
              f"Ridge strength chosen on {len(val_tasks)} meta-val tasks: "
              + ", ".join(f"{k}: {100 * v:.2f}%" for k, v in sweep.items()) + f" -> {best_lambda}.", "",
              "| classifier | meta-val % | unseen % (mean ± 95% CI over tasks) |", "| --- | --- | --- |"]
     for name in ("prototype", "ridge"):
-        lines.append(f"| {name} | {pct(rows[name]['meta_val'])} | {pct(rows[name]['unseen'])} |")
+        lines.append(f"| {name} | {format_mean_ci(rows[name]['meta_val'])} | {format_mean_ci(rows[name]['unseen'])} |")
     lines += ["", f"Ridge minus prototype, paired over {len(test_tasks)} unseen tasks: "
-              f"{pct({k: v for k, v in result['ridge_minus_prototype_unseen'].items()})} points.", "",
+              f"{format_mean_ci(result['ridge_minus_prototype_unseen'])} points.", "",
               f"Command: `{result['command']}`; seed {result['seed']}; {result['machine']}; "
               f"wall time {result['wall_seconds']:.0f} s."]
     with open(os.path.join(FLAGS.output, "swap.md"), "w") as f:

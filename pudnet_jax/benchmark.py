@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from pudnet_jax import baselines, checkpoints, data
-from pudnet_jax.evaluate import TaskEvaluator, accuracy, init_target, mean_and_ci95
+from pudnet_jax.evaluate import TaskEvaluator, accuracy, format_mean_ci, init_target, mean_and_ci95
 from pudnet_jax.train import machine_description, make_test_tasks
 
 
@@ -199,11 +199,6 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     return results
 
 
-def _fmt(stats: dict) -> str:
-    ci = stats["ci95"]
-    return f"{100 * stats['mean']:.2f}" + ("" if np.isnan(ci) else f" ± {100 * ci:.2f}")
-
-
 def _lr_note(t: dict) -> str:
     if "lrs" not in t:
         return f"{t['best_lr']:g} ({t['note']})"
@@ -222,23 +217,23 @@ def _task_note(r: dict) -> str:
 def markdown_report(r: dict) -> str:
     p, b, m = r["protocol"], r["baseline_tasks"], r["machine"]
     n, nb = p["num_tasks"], p["num_baseline_tasks"]
-    rows = [("predicted (zero-shot)", n, _fmt(r["predicted"]), f"{r['predict_seconds_median']:.4f} (predict, median)"),
-            ("random init", n, _fmt(r["random_init"]), "-"),
-            ("nearest prototype on the encoder", n, _fmt(r["nearest_prototype"]), "-"),
-            ("predicted (zero-shot), baseline tasks", nb, _fmt(b["predicted"]),
+    rows = [("predicted (zero-shot)", n, format_mean_ci(r["predicted"]), f"{r['predict_seconds_median']:.4f} (predict, median)"),
+            ("random init", n, format_mean_ci(r["random_init"]), "-"),
+            ("nearest prototype on the encoder", n, format_mean_ci(r["nearest_prototype"]), "-"),
+            ("predicted (zero-shot), baseline tasks", nb, format_mean_ci(b["predicted"]),
              f"{b['predict_seconds_mean']:.4f} (predict, mean of before / after the baselines)")]
     s = b["scratch"]
     last = len(s["epoch_accuracy_mean"]) - 1
     shown = sorted({e for e in (1, 2, 5, 10, 20, 50, 100, last) if 1 <= e <= last})
     for ep in shown:
         rows.append((f"Adam from scratch, epoch {ep} (lr {r['lr_tuning']['best_lr']:g})", nb,
-                     _fmt({"mean": s["epoch_accuracy_mean"][ep], "ci95": s["epoch_accuracy_ci95"][ep]}),
+                     format_mean_ci({"mean": s["epoch_accuracy_mean"][ep], "ci95": s["epoch_accuracy_ci95"][ep]}),
                      f"{s['epoch_seconds_mean'][ep]:.3f}"))
     f = b["finetune"]
     last_ft = len(f["epoch_accuracy_mean"]) - 1
     for ep in sorted({e for e in (1, last_ft) if 1 <= e <= last_ft}):
         rows.append((f"predicted + Adam fine-tuning, epoch {ep}", nb,
-                     _fmt({"mean": f["epoch_accuracy_mean"][ep], "ci95": f["epoch_accuracy_ci95"][ep]}),
+                     format_mean_ci({"mean": f["epoch_accuracy_mean"][ep], "ci95": f["epoch_accuracy_ci95"][ep]}),
                      f"{b['predict_seconds_mean'] + f['epoch_seconds_mean'][ep]:.3f} (predict + fine-tune)"))
     sp = r["speedup"]
     lines = [

@@ -25,6 +25,12 @@ def mean_and_ci95(values) -> dict:
     return {"mean": float(values.mean()), "ci95": float(half), "n": int(len(values))}
 
 
+def format_mean_ci(stats: dict) -> str:
+    """``mean_and_ci95`` output as percent, ``"96.82 ± 0.33"`` (no interval for one value)."""
+    ci = stats["ci95"]
+    return f"{100 * stats['mean']:.2f}" + ("" if np.isnan(ci) else f" ± {100 * ci:.2f}")
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted_init(target_name: str, num_classes: int, image_shape: tuple[int, ...]):
     target = get_target(target_name, num_classes)

@@ -69,17 +69,16 @@ def test_shuffling_and_masked_padding_leave_output_unchanged(tiny_config):
     predict = jax.jit(make_predict_fn(tiny_config))
     batch = _batch(20, 5)
     reference = predict(hyper_params, batch)
-    tol = {"rtol": 1e-4, "atol": 1e-5}
 
     order = np.random.default_rng(3).permutation(20)
     shuffled = {k: v[order] for k, v in batch.items()}
-    chex.assert_trees_all_close(predict(hyper_params, shuffled), reference, **tol)
+    chex.assert_trees_all_close(predict(hyper_params, shuffled), reference, rtol=1e-4, atol=1e-5)
 
     padding = _batch(7, 5, seed=9)  # garbage rows with real-looking values, masked out
     padded = {k: np.concatenate([batch[k], padding[k]]) for k in batch}
     padded["mask"][20:] = False
     padded["image"][20:] *= 100.0
-    chex.assert_trees_all_close(predict(hyper_params, padded), reference, **tol)
+    chex.assert_trees_all_close(predict(hyper_params, padded), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_cell_parameters_are_shared_across_depth(tiny_config):
