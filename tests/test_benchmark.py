@@ -173,3 +173,36 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     assert 0.0 <= r["nearest_prototype"]["mean"] <= 1.0 and r["speedup"]["text"].endswith("x")
     md = open(os.path.join(out, "benchmark.md")).read()
     assert "Speedup" in md and "first 1 tasks only" in md and "Adam from scratch, epoch 2" in md
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_classifier_swap_chooses_settings_on_meta_val_only(hyper, tmp_path):
+    """launch/classifier_swap.py: the chosen (predict sample, ridge strength) is the meta-val
+    argmax, and the unseen scores it reports are those of that setting."""
+    from launch.classifier_swap import markdown, run_swap
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import make_test_tasks
+
+    c, hyper_params = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.num_eval_tasks, c.data.predict_shots = 2, 5
+    export = str(tmp_path / "export")
+    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    r = run_swap(export, shots_grid=[5, 15], ridge_lambdas=[1e-2], num_val_tasks=2)
+
+    sweep = r["ridge_sweep_meta_val"]
+    assert set(sweep) == {"shots=5,lambda=0.01", "shots=15,lambda=0.01"}
+    ridge = r["classifiers"]["ridge"]
+    assert sweep[f"shots={ridge['predict_shots']},lambda=0.01"] == max(sweep.values())
+    assert len(r["val_tasks"]) == 2 and all(t.startswith("omniglot/meta_val") for t in r["val_tasks"])
+    # The reported unseen accuracy of the chosen ridge setting is reproducible on its own.
+    chosen = c.copy_and_resolve_references()
+    chosen.hyper.classifier, chosen.data.predict_shots = "ridge", ridge["predict_shots"]
+    again = TaskEvaluator(chosen).evaluate(hyper_params, make_test_tasks(chosen))
+    assert again["per_task_predicted"] == pytest.approx(ridge["per_task_unseen"])
+    # "as trained" is the export's own setting: prototype classifier, 5 images per class.
+    as_trained = r["classifiers"]["as_trained"]
+    assert (as_trained["classifier"], as_trained["predict_shots"]) == ("prototype", 5)
+    assert r["num_unseen_tasks"] == 2 and r["ridge_minus_as_trained_unseen"]["n"] == 2
+    assert "| ridge (chosen) |" in markdown(r)
