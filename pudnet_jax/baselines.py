@@ -7,6 +7,10 @@
   on the unseen ones.
 - ``nearest_prototype_accuracy``: test images classified by the nearest class prototype in the
   hypernetwork's own set-encoder feature space (baseline 4).
+- ``refit_classifier``: the Dense layer re-solved by ridge regression on the network's own
+  features over the whole support. Fine-tuning a predictor whose classifier was itself solved
+  in closed form (``hyper.classifier=ridge``) can re-solve it after each epoch instead of relying
+  on a few hundred Adam steps to move it (baseline 3, second variant).
 
 Batches: every epoch is a fresh ``numpy.random.default_rng(seed)`` permutation of the whole
 training set cut into batches of ``batch_size``; the last partial batch is *padded and masked*
@@ -34,6 +38,7 @@ from pudnet_jax import data, train
 from pudnet_jax.evaluate import accuracy, init_target
 from pudnet_jax.hypernet import build_hypernet
 from pudnet_jax.hypernet.encoder import SetEncoder
+from pudnet_jax.hypernet.ridge import ridge_classifier
 from pudnet_jax.models import get_target
 
 PADDING = "pad+mask"  # how the last partial batch of an epoch is handled (see module docstring)
@@ -91,7 +96,8 @@ def compiled_train_step(target_name: str, num_classes: int, state, batch_shape: 
 
 def train_from_scratch(target_name: str, num_classes: int, images: np.ndarray, labels: np.ndarray,
                        test_images: np.ndarray, test_labels: np.ndarray, *, lr: float, epochs: int,
-                       batch_size: int, seed: int, init_variables=None) -> dict:
+                       batch_size: int, seed: int, init_variables=None,
+                       refit_ridge_lambda: float | None = None) -> dict:
     """Adam on the target; test accuracy after every epoch with cumulative training time.
 
     Returns a dict whose lists are indexed by epoch, entry 0 being *before* any training (the
@@ -99,6 +105,11 @@ def train_from_scratch(target_name: str, num_classes: int, images: np.ndarray, l
     ``epoch_train_loss`` (NaN at 0); plus ``variables`` (final), ``eval_seconds`` (total, off the
     clock), ``compile_seconds`` (0 if the step shape was compiled before) and the settings.
     ``init_variables`` (e.g. predicted ones) are copied, never modified.
+
+    With ``refit_ridge_lambda``, after every epoch (and at entry 0) the classifier is also
+    re-solved on the whole training set (``refit_classifier``) and scored, without changing the
+    training trajectory: ``epoch_accuracy_refit`` and ``epoch_refit_seconds`` (the re-solve's own
+    wall time, to add to the training clock of that epoch).
     """
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
@@ -120,9 +131,21 @@ def train_from_scratch(target_name: str, num_classes: int, images: np.ndarray, l
                        test_images, test_labels)
         return acc, time.perf_counter() - start
 
+    def evaluate_refit(state):
+        start = time.perf_counter()
+        refit = jax.block_until_ready(refit_classifier(
+            target_name, {"params": state[0], "batch_stats": state[1]}, images, labels,
+            refit_ridge_lambda))
+        seconds = time.perf_counter() - start
+        result["epoch_refit_seconds"].append(seconds)
+        result["epoch_accuracy_refit"].append(accuracy(target_name, refit, test_images, test_labels))
+
     acc0, eval_seconds = evaluate(state)
     result = {"epoch_accuracy": [acc0], "epoch_seconds_cumulative": [0.0],
               "epoch_train_loss": [float("nan")]}
+    if refit_ridge_lambda is not None:
+        result.update(epoch_accuracy_refit=[], epoch_refit_seconds=[], refit_ridge_lambda=refit_ridge_lambda)
+        evaluate_refit(state)
     rng = np.random.default_rng(seed)
     clock = 0.0
     for _ in range(epochs):
@@ -142,6 +165,8 @@ def train_from_scratch(target_name: str, num_classes: int, images: np.ndarray, l
         result["epoch_accuracy"].append(acc)
         result["epoch_seconds_cumulative"].append(clock)
         result["epoch_train_loss"].append(float(np.mean(jax.device_get(losses))))
+        if refit_ridge_lambda is not None:
+            evaluate_refit(state)
     result.update(
         variables={"params": state[0], "batch_stats": state[1]}, eval_seconds=eval_seconds,
         compile_seconds=compile_seconds, lr=float(lr), epochs=int(epochs), batch_size=batch,
@@ -151,29 +176,37 @@ def train_from_scratch(target_name: str, num_classes: int, images: np.ndarray, l
 
 
 def tune_learning_rate(target_name: str, tasks, lrs, *, epochs: int, batch_size: int,
-                       seed: int, init_fn=None) -> dict:
+                       seed: int, init_fn=None, refit_ridge_lambda: float | None = None) -> dict:
     """Best LR by final-epoch test accuracy averaged over ``tasks`` (meta-val tasks only).
 
     ``init_fn(task) -> variables`` tunes fine-tuning instead (e.g. of predicted variables).
     Ties go to the first LR in ``lrs``. Returns ``best_lr``, ``lrs``, ``mean_final_accuracy``
-    (one per LR), the tasks' names and the training seconds spent.
+    (one per LR), the tasks' names and the training seconds spent. With ``refit_ridge_lambda``
+    the same runs also choose the LR of the re-solved variant: ``best_lr_refit`` and
+    ``mean_final_accuracy_refit``.
     """
     inits = [init_fn(task) if init_fn else None for task in tasks]
-    means, seconds = [], 0.0
+    means, means_refit, seconds = [], [], 0.0
     for lr in lrs:
-        finals = []
+        finals, finals_refit = [], []
         for i, task in enumerate(tasks):
             r = train_from_scratch(target_name, task.num_classes, task.support_images,
                                    task.support_labels, task.test_images, task.test_labels,
                                    lr=lr, epochs=epochs, batch_size=batch_size, seed=seed + i,
-                                   init_variables=inits[i])
+                                   init_variables=inits[i], refit_ridge_lambda=refit_ridge_lambda)
             finals.append(r["epoch_accuracy"][-1])
+            if refit_ridge_lambda is not None:
+                finals_refit.append(r["epoch_accuracy_refit"][-1])
             seconds += r["epoch_seconds_cumulative"][-1]
         means.append(float(np.mean(finals)))
-    best = int(np.argmax(means))
-    return {"best_lr": float(lrs[best]), "lrs": [float(x) for x in lrs],
-            "mean_final_accuracy": means, "tasks": [t.name for t in tasks], "epochs": int(epochs),
-            "train_seconds": seconds}
+        means_refit.append(float(np.mean(finals_refit)) if finals_refit else float("nan"))
+    out = {"best_lr": float(lrs[int(np.argmax(means))]), "lrs": [float(x) for x in lrs],
+           "mean_final_accuracy": means, "tasks": [t.name for t in tasks], "epochs": int(epochs),
+           "train_seconds": seconds}
+    if refit_ridge_lambda is not None:
+        out.update(best_lr_refit=float(lrs[int(np.argmax(means_refit))]),
+                   mean_final_accuracy_refit=means_refit)
+    return out
 
 
 def lr_tuning_tasks(config, num_tasks: int):
@@ -226,3 +259,40 @@ def nearest_prototype_accuracy(config, hyper_params, task, chunk: int = 500) -> 
         dist = jnp.where(counts[None] > 0, dist, jnp.inf)
         correct += int((np.asarray(jnp.argmin(dist, -1))[:n] == test_y[start:start + n]).sum())
     return correct / len(test_x)
+
+
+@functools.lru_cache(maxsize=16)
+def _features_fn(target_name: str, num_classes: int):
+    target = get_target(target_name, num_classes)
+    return jax.jit(lambda variables, x: target.apply(variables, x, train=False, features_only=True))
+
+
+_solve_ridge = jax.jit(ridge_classifier, static_argnums=(3, 4))
+
+
+def refit_classifier(target_name: str, variables, images: np.ndarray, labels: np.ndarray,
+                     ridge_lambda: float, chunk: int = 500):
+    """``variables`` with the Dense layer re-solved by ridge regression on ``images``.
+
+    The features are the network's own penultimate ones in inference mode (running BatchNorm
+    statistics), computed in fixed-shape chunks; the solve is ``hypernet.ridge.ridge_classifier``,
+    the one predict uses, on every image given. Logits come out on the regression's scale
+    (one-hot targets, about 0..1): the argmax, hence accuracy, is what this is for. Returns new
+    variables; the input is not modified.
+    """
+    num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
+    features_fn = _features_fn(target_name, num_classes)
+    images = np.asarray(images, np.float32)
+    size = min(chunk, len(images))
+    features = []
+    for start in range(0, len(images), size):
+        x = images[start:start + size]
+        n = len(x)
+        if n < size:  # pad to the compiled chunk shape
+            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+        features.append(features_fn(variables, x)[:n])
+    features = jnp.concatenate(features)
+    kernel, bias = _solve_ridge(features, jnp.asarray(labels, jnp.int32),
+                                jnp.ones(len(labels), bool), num_classes, float(ridge_lambda))
+    params = {**variables["params"], "Dense_0": {"kernel": kernel, "bias": bias}}
+    return {**variables, "params": params}

@@ -74,9 +74,14 @@ def time_predict(evaluator: TaskEvaluator, hyper_params, task, repeats: int):
     return variables, float(np.median(times)), first
 
 
-def _curve_stats(runs) -> dict:
-    acc = np.array([r["epoch_accuracy"] for r in runs])
-    sec = np.array([r["epoch_seconds_cumulative"] for r in runs])
+def _curve_stats(runs, refit: bool = False) -> dict:
+    """Mean curves over tasks; ``refit``: of the re-solved classifier, its own time included."""
+    if refit:
+        acc = np.array([r["epoch_accuracy_refit"] for r in runs])
+        sec = np.array([np.add(r["epoch_seconds_cumulative"], r["epoch_refit_seconds"]) for r in runs])
+    else:
+        acc = np.array([r["epoch_accuracy"] for r in runs])
+        sec = np.array([r["epoch_seconds_cumulative"] for r in runs])
     return {"epoch_accuracy_mean": acc.mean(0).tolist(),
             "epoch_accuracy_ci95": [mean_and_ci95(a)["ci95"] for a in acc.T],
             "epoch_seconds_mean": sec.mean(0).tolist()}
@@ -91,6 +96,8 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     ``scratch_lr`` fixes the from-scratch LR (else tuned over ``config.eval.scratch_lrs``);
     ``finetune_lrs`` tunes the fine-tuning LR (else ``config.eval.finetune_lr``). Both sweeps run
     on ``lr_tune_tasks`` meta-val tasks (``baselines.lr_tuning_tasks``), never the unseen ones.
+    A predictor with the ridge classifier also gets fine-tuning with the classifier re-solved
+    after each epoch (``baselines.refit_classifier``, its LR tuned by the same sweep).
     """
     wall_start = time.perf_counter()
     load_start = list(os.getloadavg())
@@ -124,16 +131,18 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         scratch_lr = tuning["best_lr"]
     else:
         tuning = {"best_lr": float(scratch_lr), "note": "given on the command line, not tuned"}
-    finetune_lr = float(e.finetune_lr)
+    refit_lambda = float(config.hyper.ridge_lambda) if config.hyper.classifier == "ridge" else None
+    finetune_lr = refit_lr = float(e.finetune_lr)
     ft_tuning = {"best_lr": finetune_lr, "note": "config.eval.finetune_lr, not tuned"}
     if finetune_lrs:
         ft_tuning = baselines.tune_learning_rate(
             target_name, tune_tasks, list(finetune_lrs), epochs=int(e.finetune_epochs),
-            batch_size=e.batch_size, seed=config.seed,
+            batch_size=e.batch_size, seed=config.seed, refit_ridge_lambda=refit_lambda,
             init_fn=lambda task: evaluator.predict(hyper_params, task)[0])
         finetune_lr = ft_tuning["best_lr"]
+        refit_lr = ft_tuning.get("best_lr_refit", finetune_lr)
 
-    scratch_runs, finetune_runs, base_rows = [], [], []
+    scratch_runs, finetune_runs, refit_runs, base_rows = [], [], [], []
     for i, task in enumerate(tasks[:n_base]):
         args = (target_name, task.num_classes, task.support_images, task.support_labels,
                 task.test_images, task.test_labels)
@@ -146,13 +155,21 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         per_task[i]["predict_seconds_after_scratch"] = after
         finetune = baselines.train_from_scratch(*args, lr=finetune_lr, epochs=e.finetune_epochs,
                                                 batch_size=e.batch_size, seed=config.seed + i,
-                                                init_variables=predicted_vars)
-        for run in (scratch, finetune):
-            del run["variables"]
+                                                init_variables=predicted_vars,
+                                                refit_ridge_lambda=refit_lambda)
+        # The re-solved variant reads the same run when the sweep chose the same LR for both.
+        refit = finetune if refit_lr == finetune_lr or refit_lambda is None else (
+            baselines.train_from_scratch(*args, lr=refit_lr, epochs=e.finetune_epochs,
+                                         batch_size=e.batch_size, seed=config.seed + i,
+                                         init_variables=predicted_vars, refit_ridge_lambda=refit_lambda))
+        for run in (scratch, finetune, refit):
+            run.pop("variables", None)
         scratch_runs.append(scratch)
         finetune_runs.append(finetune)
+        refit_runs.append(refit)
         target = per_task[i]["predicted"]
         base_rows.append({"name": task.name, "scratch": scratch, "finetune": finetune,
+                          **({"finetune_refit": refit} if refit is not finetune else {}),
                           "scratch_seconds_to_reach_predicted": time_to_reach(
                               scratch["epoch_accuracy"], scratch["epoch_seconds_cumulative"], target)})
 
@@ -170,6 +187,8 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         "protocol": {"num_tasks": len(tasks), "num_baseline_tasks": n_base,
                      "scratch_epochs": int(e.scratch_epochs), "finetune_epochs": int(e.finetune_epochs),
                      "finetune_lr": finetune_lr, "batch_size": int(e.batch_size),
+                     "finetune_refit_lr": refit_lr if refit_lambda is not None else None,
+                     "refit_ridge_lambda": refit_lambda,
                      "last_batch": baselines.PADDING, "predict_repeats": predict_repeats,
                      "predict_shots": int(d.predict_shots)},
         **{key: mean_and_ci95([row[key] for row in per_task])
@@ -180,7 +199,9 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         "baseline_tasks": {"names": [t.name for t in tasks[:n_base]],
                            "predicted": mean_and_ci95(base_predicted),
                            "predict_seconds_mean": base_predict_s,
-                           "scratch": scratch_stats, "finetune": finetune_stats},
+                           "scratch": scratch_stats, "finetune": finetune_stats,
+                           **({"finetune_refit": _curve_stats(refit_runs, refit=True)}
+                              if refit_lambda is not None else {})},
         "speedup": speedup(scratch_stats["epoch_accuracy_mean"], scratch_stats["epoch_seconds_mean"],
                            float(np.mean(base_predicted)), base_predict_s),
         "per_task": per_task, "per_baseline_task": base_rows,
@@ -203,8 +224,12 @@ def _lr_note(t: dict) -> str:
     if "lrs" not in t:
         return f"{t['best_lr']:g} ({t['note']})"
     sweep = ", ".join(f"{lr:g}: {100 * a:.1f}%" for lr, a in zip(t["lrs"], t["mean_final_accuracy"]))
-    return (f"{t['best_lr']:g} tuned on {len(t['tasks'])} meta-val tasks, {t['epochs']} epochs "
+    note = (f"{t['best_lr']:g} tuned on {len(t['tasks'])} meta-val tasks, {t['epochs']} epochs "
             f"(final accuracy {sweep})")
+    if "best_lr_refit" in t:
+        refit = ", ".join(f"{lr:g}: {100 * a:.1f}%" for lr, a in zip(t["lrs"], t["mean_final_accuracy_refit"]))
+        note += f"; with the classifier re-solved {t['best_lr_refit']:g} ({refit})"
+    return note
 
 
 def _task_note(r: dict) -> str:
@@ -235,6 +260,12 @@ def markdown_report(r: dict) -> str:
         rows.append((f"predicted + Adam fine-tuning, epoch {ep}", nb,
                      format_mean_ci({"mean": f["epoch_accuracy_mean"][ep], "ci95": f["epoch_accuracy_ci95"][ep]}),
                      f"{b['predict_seconds_mean'] + f['epoch_seconds_mean'][ep]:.3f} (predict + fine-tune)"))
+    if "finetune_refit" in b:
+        f = b["finetune_refit"]
+        for ep in sorted({e for e in (1, last_ft) if 1 <= e <= last_ft}):
+            rows.append((f"predicted + Adam fine-tuning, classifier re-solved, epoch {ep} (lr {p['finetune_refit_lr']:g})", nb,
+                         format_mean_ci({"mean": f["epoch_accuracy_mean"][ep], "ci95": f["epoch_accuracy_ci95"][ep]}),
+                         f"{b['predict_seconds_mean'] + f['epoch_seconds_mean'][ep]:.3f} (predict + fine-tune + re-solve)"))
     sp = r["speedup"]
     lines = [
         f"# Benchmark: {r['setting']} / {r['dataset']} / target {r['target']}", "",
@@ -280,6 +311,10 @@ def plot_results(r: dict, output: str) -> None:
     ax.plot(s["epoch_seconds_mean"][1:], s["epoch_accuracy_mean"][1:], "o-", label="Adam from scratch (mean)")
     ax.plot([tp + t for t in f["epoch_seconds_mean"]], f["epoch_accuracy_mean"], "s-",
             label="predicted + fine-tuning (mean)")
+    if "finetune_refit" in b:
+        fr = b["finetune_refit"]
+        ax.plot([tp + t for t in fr["epoch_seconds_mean"]], fr["epoch_accuracy_mean"], "^-",
+                label="predicted + fine-tuning, classifier re-solved (mean)")
     ax.plot([tp], [b["predicted"]["mean"]], "r*", ms=14, label=f"predicted ({tp * 1e3:.1f} ms)")
     ax.axhline(b["predicted"]["mean"], color="r", ls=":", lw=0.8)
     ax.set(xscale="log", xlabel="wall time (s): predict, or cumulative training", ylabel="test accuracy",

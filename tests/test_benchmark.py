@@ -85,6 +85,38 @@ def test_finetune_starts_from_given_variables_and_does_not_modify_them(scratch_r
     assert any(jax.tree.leaves(changed))
 
 
+def test_refit_classifier_solves_ridge_on_the_networks_own_features(scratch_run):
+    """The re-solved Dense layer is the ridge solution on the eval-mode penultimate features
+    (chunking and padding change nothing), only the Dense layer changes, and on separable
+    data it classifies a randomly initialised backbone's features well."""
+    from pudnet_jax.hypernet.ridge import ridge_classifier
+    from pudnet_jax.models import get_target
+
+    _, (x, y, tx, ty) = scratch_run
+    variables = init_target("resnet8", K, x.shape[1:], seed=3)
+    refit = baselines.refit_classifier("resnet8", variables, x, y, 1e-2, chunk=128)  # 300 = 128+128+44
+    features = get_target("resnet8", K).apply(variables, x, train=False, features_only=True)
+    kernel, bias = ridge_classifier(features, y, np.ones(len(y), bool), K, 1e-2)
+    np.testing.assert_allclose(refit["params"]["Dense_0"]["kernel"], kernel, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(refit["params"]["Dense_0"]["bias"], bias, rtol=1e-3, atol=1e-3)
+    for name in variables["params"]:
+        if name != "Dense_0":
+            jax.tree.map(np.testing.assert_array_equal, refit["params"][name], variables["params"][name])
+    assert accuracy("resnet8", variables, tx, ty) < 0.2
+    assert accuracy("resnet8", refit, tx, ty) >= 0.9
+
+
+def test_refit_during_finetuning_leaves_the_trajectory_unchanged(scratch_run):
+    run, (x, y, tx, ty) = scratch_run
+    kwargs = dict(lr=1e-3, epochs=1, batch_size=BATCH, seed=1, init_variables=run["variables"])
+    plain = baselines.train_from_scratch("resnet8", K, x, y, tx, ty, **kwargs)
+    refit = baselines.train_from_scratch("resnet8", K, x, y, tx, ty, refit_ridge_lambda=1e-2, **kwargs)
+    assert refit["epoch_accuracy"] == plain["epoch_accuracy"]
+    assert len(refit["epoch_accuracy_refit"]) == len(refit["epoch_refit_seconds"]) == 2
+    assert all(s > 0 for s in refit["epoch_refit_seconds"])
+    assert "epoch_accuracy_refit" not in plain
+
+
 def test_masked_rows_do_not_change_the_step():
     """Padding rows (mask False) have no effect on the update or the BatchNorm statistics."""
     x, y = _separable(4, seed=2)
@@ -147,6 +179,7 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     c.data.num_eval_tasks = 2
     c.eval.scratch_epochs, c.eval.finetune_epochs, c.eval.num_baseline_tasks = 2, 1, 1
     c.eval.scratch_lrs = (1e-3, 3e-3)
+    c.hyper.classifier = "ridge"  # also runs fine-tuning with the classifier re-solved
     export = str(tmp_path / "export")
     checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
     out = str(tmp_path / "bench")
@@ -173,6 +206,9 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     assert 0.0 <= r["nearest_prototype"]["mean"] <= 1.0 and r["speedup"]["text"].endswith("x")
     md = open(os.path.join(out, "benchmark.md")).read()
     assert "Speedup" in md and "first 1 tasks only" in md and "Adam from scratch, epoch 2" in md
+    refit = saved["baseline_tasks"]["finetune_refit"]
+    assert len(refit["epoch_accuracy_mean"]) == 2 and "classifier re-solved, epoch 1" in md
+    assert saved["protocol"]["finetune_refit_lr"] == saved["finetune_lr_tuning"]["best_lr_refit"]
 
 
 @pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
