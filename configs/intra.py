@@ -20,7 +20,11 @@ from configs.common import apply_size_and_quick, base_config, parse_arg
 # Per-dataset defaults of DESIGN.md section 4.
 _DATASETS = {
     "omniglot": dict(way=20, shots=5, queries=5, predict_shots=15, num_eval_tasks=100),
-    "gtsrb": dict(way=10, shots=10, queries=10, predict_shots=100, num_eval_tasks=20),
+    # GTSRB: 25 meta-train classes are few (meta-train accuracy 0.99 vs 0.93 meta-val); rotated
+    # signs as new classes lifted meta-val 0.934 -> 0.95 and unseen tasks 90.4% -> 93.7%+ in a
+    # warm-started stage (RESULTS.md, run (h)).
+    "gtsrb": dict(way=10, shots=10, queries=10, predict_shots=100, num_eval_tasks=20,
+                  class_rotations=4),
     "cifar100": dict(way=10, shots=10, queries=10, predict_shots=100, num_eval_tasks=20),
 }
 # Full-data regimes (100 images per class given to predict) use the ridge classifier: on GTSRB

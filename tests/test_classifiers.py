@@ -130,3 +130,7 @@ def test_presets_use_ridge_where_predict_sees_many_images_per_class():
     assert intra.get_config("gtsrb").hyper.classifier == "ridge"  # 100 per class
     assert intra.get_config("cifar100").hyper.classifier == "ridge"
     assert inter.get_config("cifar10").hyper.classifier == "ridge"
+    # Rotated classes: the GTSRB preset only (the inter sampler refuses them).
+    assert intra.get_config("gtsrb").data.class_rotations == 4
+    assert intra.get_config("omniglot").data.class_rotations == 1
+    assert inter.get_config("cifar10").data.class_rotations == 1
