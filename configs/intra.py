@@ -29,7 +29,8 @@ _DATASETS = {
 }
 # Full-data regimes (100 images per class given to predict) use the ridge classifier: on GTSRB
 # it beats class means by 10 points on the same predictor, without retraining (RESULTS.md
-# section 1.1); Omniglot's 15-shot tasks keep the prototype classifier.
+# section 1.1); Omniglot's 15-shot tasks keep the prototype classifier from scratch (the shipped
+# Omniglot predictor adds a ridge stage on top: RESULTS.md run (i)).
 _CLASSIFIER = {"omniglot": "prototype", "gtsrb": "ridge", "cifar100": "ridge"}
 
 
