@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from pudnet_jax import data, train
-from pudnet_jax.evaluate import accuracy, init_target
+from pudnet_jax.evaluate import accuracy, fixed_shape_chunks, init_target
 from pudnet_jax.hypernet import build_hypernet
 from pudnet_jax.hypernet.encoder import SetEncoder
 from pudnet_jax.hypernet.ridge import ridge_classifier
@@ -247,13 +247,9 @@ def nearest_prototype_accuracy(config, hyper_params, task, chunk: int = 500) -> 
     batch = task.dataset_batch()
     _, prototypes, counts, _ = fn(params, batch["image"], batch["label"], batch["mask"])
     test_x, test_y = task.test_images, task.test_labels
-    size = min(chunk, len(test_x))
     correct = 0
-    for start in range(0, len(test_x), size):
-        x = test_x[start:start + size]
-        n = len(x)
-        if n < size:  # pad to the compiled chunk shape
-            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+    for start, n, x in fixed_shape_chunks(test_x, chunk):
+        size = len(x)
         features = fn(params, x, np.zeros(size, np.int32), np.ones(size, bool))[0]
         dist = jnp.sum((features[:, None, :] - prototypes[None]) ** 2, -1)
         dist = jnp.where(counts[None] > 0, dist, jnp.inf)
@@ -282,16 +278,8 @@ def refit_classifier(target_name: str, variables, images: np.ndarray, labels: np
     """
     num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
     features_fn = _features_fn(target_name, num_classes)
-    images = np.asarray(images, np.float32)
-    size = min(chunk, len(images))
-    features = []
-    for start in range(0, len(images), size):
-        x = images[start:start + size]
-        n = len(x)
-        if n < size:  # pad to the compiled chunk shape
-            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
-        features.append(features_fn(variables, x)[:n])
-    features = jnp.concatenate(features)
+    features = jnp.concatenate([features_fn(variables, x)[:n] for _, n, x in
+                                fixed_shape_chunks(np.asarray(images, np.float32), chunk)])
     kernel, bias = _solve_ridge(features, jnp.asarray(labels, jnp.int32),
                                 jnp.ones(len(labels), bool), num_classes, float(ridge_lambda))
     params = {**variables["params"], "Dense_0": {"kernel": kernel, "bias": bias}}

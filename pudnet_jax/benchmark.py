@@ -153,12 +153,14 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         # The speedup uses the mean of this and the first timing (before all baselines).
         predicted_vars, after, _ = time_predict(evaluator, hyper_params, task, predict_repeats)
         per_task[i]["predict_seconds_after_scratch"] = after
+        # The re-solved variant reads the same run when the sweep chose the same LR for both
+        # (re-solving does not change the trajectory); otherwise it gets a run of its own.
+        shared = refit_lambda is not None and refit_lr == finetune_lr
         finetune = baselines.train_from_scratch(*args, lr=finetune_lr, epochs=e.finetune_epochs,
                                                 batch_size=e.batch_size, seed=config.seed + i,
                                                 init_variables=predicted_vars,
-                                                refit_ridge_lambda=refit_lambda)
-        # The re-solved variant reads the same run when the sweep chose the same LR for both.
-        refit = finetune if refit_lr == finetune_lr or refit_lambda is None else (
+                                                refit_ridge_lambda=refit_lambda if shared else None)
+        refit = finetune if shared or refit_lambda is None else (
             baselines.train_from_scratch(*args, lr=refit_lr, epochs=e.finetune_epochs,
                                          batch_size=e.batch_size, seed=config.seed + i,
                                          init_variables=predicted_vars, refit_ridge_lambda=refit_lambda))

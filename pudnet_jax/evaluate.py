@@ -57,17 +57,26 @@ def _logits_fn(target_name: str, num_classes: int):
     return jax.jit(lambda variables, x: target.apply(variables, x, train=False))
 
 
+def fixed_shape_chunks(images: np.ndarray, chunk: int):
+    """Yields ``(start, n, x)``: ``images`` in chunks of ``min(chunk, len(images))`` rows, the last
+    one zero-padded to that size so one compiled program serves every chunk; only the first ``n``
+    rows of ``x`` are ``images[start:start + n]``."""
+    size = min(int(chunk), len(images))
+    for start in range(0, len(images), size):
+        x = images[start:start + size]
+        n = len(x)
+        if n < size:
+            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+        yield start, n, x
+
+
 def accuracy(target_name: str, variables, images: np.ndarray, labels: np.ndarray,
              batch_size: int = 500) -> float:
     """Top-1 accuracy of ``target.apply(variables, ., train=False)`` (chunked, fixed chunk shape)."""
     num_classes = int(jax.tree.leaves(variables["params"]["Dense_0"]["bias"])[0].shape[0])
     logits_fn = _logits_fn(target_name, num_classes)
     correct = 0
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        n = len(chunk)
-        if n < batch_size and len(images) > batch_size:  # pad to reuse the compiled shape
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+    for start, n, chunk in fixed_shape_chunks(images, batch_size):
         predictions = np.asarray(jnp.argmax(logits_fn(variables, chunk), -1))[:n]
         correct += int((predictions == labels[start:start + n]).sum())
     return correct / len(images)
