@@ -7,6 +7,11 @@
   on the unseen ones.
 - ``nearest_prototype_accuracy``: test images classified by the nearest class prototype in the
   hypernetwork's own set-encoder feature space (baseline 4).
+- ``solved_readout`` / ``random_backbone_accuracy``: a backbone not produced by the hypernetwork
+  (random init; or source-trained, ``launch/source_probe.py``) read out exactly as predict reads
+  out a predicted one: BatchNorm statistics and the classifier from the dataset batch. Random
+  init read out this way is the zero-shot baseline a predictor must beat to show its backbone
+  is worth predicting (random init with its random Dense layer is near chance).
 - ``refit_classifier``: the Dense layer re-solved by ridge regression on the network's own
   features over the whole support. Fine-tuning a predictor whose classifier was itself solved
   in closed form (``hyper.classifier=ridge``) can re-solve it after each epoch instead of relying
@@ -37,7 +42,8 @@ import optax
 from pudnet_jax import data, train
 from pudnet_jax.evaluate import accuracy, fixed_shape_chunks, init_target
 from pudnet_jax.hypernet import build_hypernet
-from pudnet_jax.hypernet.encoder import SetEncoder
+from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
+from pudnet_jax.hypernet.pudnet import ABSENT_CLASS_BIAS
 from pudnet_jax.hypernet.ridge import ridge_classifier
 from pudnet_jax.models import get_target
 
@@ -284,3 +290,56 @@ def refit_classifier(target_name: str, variables, images: np.ndarray, labels: np
                                 jnp.ones(len(labels), bool), num_classes, float(ridge_lambda))
     params = {**variables["params"], "Dense_0": {"kernel": kernel, "bias": bias}}
     return {**variables, "params": params}
+
+
+@functools.lru_cache(maxsize=16)
+def _readout_fn(target_name: str, num_classes: int, classifier: str, ridge_lambda: float):
+    stats_target = get_target(target_name, num_classes, bn_momentum=0.0)
+
+    def readout(params, batch_stats, images, labels, mask):
+        features, updates = stats_target.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True, mask=mask,
+            features_only=True, mutable=["batch_stats"])
+        means, counts = class_prototypes(features, labels, mask, num_classes)
+        if classifier == "ridge":
+            kernel, bias = ridge_classifier(features, labels, mask, num_classes, ridge_lambda)
+        else:  # ProtoNet as a Dense layer (the positive temperature does not change the argmax)
+            kernel, bias = 2.0 * means.T, -jnp.sum(means**2, axis=-1)
+        bias = jnp.where(counts > 0, bias, ABSENT_CLASS_BIAS)
+        params = {**params, "Dense_0": {"kernel": kernel, "bias": bias}}
+        return {"params": params, "batch_stats": updates["batch_stats"]}
+
+    return jax.jit(readout)
+
+
+def solved_readout(target_name: str, backbone, batch, classifier: str, ridge_lambda: float):
+    """``backbone`` with BatchNorm statistics and Dense layer computed from ``batch``, as predict does.
+
+    ``PudNet`` fills a predicted network's ``batch_stats`` by one momentum-0, masked pass over
+    the dataset batch and solves its Dense layer from that pass's penultimate features
+    ('ridge' or 'prototype'). This applies the same read-out to any backbone (its own Dense
+    layer and statistics are replaced), so a backbone that did not come from the hypernetwork
+    is compared on equal terms. ``batch``: the dataset batch (``image``, ``label``, ``mask``);
+    the class count is taken from ``backbone``'s Dense layer.
+    """
+    if classifier not in ("ridge", "prototype"):
+        raise ValueError(f"solved_readout needs classifier 'ridge' or 'prototype'; got {classifier!r}.")
+    num_classes = int(backbone["params"]["Dense_0"]["bias"].shape[0])
+    fn = _readout_fn(target_name, num_classes, classifier, float(ridge_lambda))
+    return fn(backbone["params"], backbone["batch_stats"], jnp.asarray(batch["image"], jnp.float32),
+              jnp.asarray(batch["label"], jnp.int32), jnp.asarray(batch["mask"], bool))
+
+
+def random_backbone_accuracy(config, task, seed: int) -> float | None:
+    """Test accuracy of a randomly initialised target read out like a predicted one.
+
+    None for the 'generated' classifier (its Dense layer comes from learned maps, not a solve).
+    """
+    classifier = config.hyper.classifier
+    if classifier == "generated":
+        return None
+    target_name = config.model.target
+    batch = task.dataset_batch()
+    backbone = init_target(target_name, task.num_classes, task.test_images.shape[1:], seed)
+    variables = solved_readout(target_name, backbone, batch, classifier, config.hyper.ridge_lambda)
+    return accuracy(target_name, variables, task.test_images, task.test_labels)

@@ -119,6 +119,9 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         per_task.append({
             "name": task.name, "predicted": accuracy(target_name, variables, test_x, test_y),
             "random_init": accuracy(target_name, random_vars, test_x, test_y),
+            # The same draw read out like a prediction: the zero-shot bar for the backbone.
+            "random_init_solved": baselines.random_backbone_accuracy(config, task,
+                                                                     config.seed + 12345 + i),
             "nearest_prototype": baselines.nearest_prototype_accuracy(config, hyper_params, task),
             "predict_seconds": seconds, "predict_first_call_seconds": first})
 
@@ -195,6 +198,8 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
                      "predict_shots": int(d.predict_shots)},
         **{key: mean_and_ci95([row[key] for row in per_task])
            for key in ("predicted", "random_init", "nearest_prototype")},
+        **({"random_init_solved": mean_and_ci95([row["random_init_solved"] for row in per_task])}
+           if config.hyper.classifier != "generated" else {}),
         "chance": float(np.mean([1.0 / t.num_classes for t in tasks])),
         "predict_seconds_median": float(np.median([r["predict_seconds"] for r in per_task])),
         "lr_tuning": tuning, "finetune_lr_tuning": ft_tuning,
@@ -246,6 +251,9 @@ def markdown_report(r: dict) -> str:
     n, nb = p["num_tasks"], p["num_baseline_tasks"]
     rows = [("predicted (zero-shot)", n, format_mean_ci(r["predicted"]), f"{r['predict_seconds_median']:.4f} (predict, median)"),
             ("random init", n, format_mean_ci(r["random_init"]), "-"),
+            *([(f"random init, BatchNorm statistics and {r['config']['hyper']['classifier']} classifier "
+                "from the predict sample (as predict)", n, format_mean_ci(r["random_init_solved"]),
+                "-")] if "random_init_solved" in r else []),
             ("nearest prototype on the encoder", n, format_mean_ci(r["nearest_prototype"]), "-"),
             ("predicted (zero-shot), baseline tasks", nb, format_mean_ci(b["predicted"]),
              f"{b['predict_seconds_mean']:.4f} (predict, mean of before / after the baselines)")]

@@ -101,6 +101,39 @@ def test_ridge_and_prototype_hypernetworks_share_one_parameter_tree(tiny_config)
         make_predict_fn(tiny_config, 5)(ridge, batch)
 
 
+@pytest.mark.parametrize("classifier", ["ridge", "prototype"])
+def test_solved_readout_of_a_predicted_backbone_is_predicts_own_readout(tiny_config, classifier):
+    """The random-init baseline's read-out is predict's: applied to a predicted network, it
+    gives the same BatchNorm statistics and the same Dense layer up to the learned positive
+    temperature (so the same decisions), padding rows included."""
+    from pudnet_jax import baselines
+
+    tiny_config.hyper.classifier = classifier
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(1))
+    rng = np.random.default_rng(2)
+    labels = np.arange(24, dtype=np.int32) % 5
+    images = rng.normal(size=(24, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None]
+    batch = {"image": np.concatenate([images, images[:6]]), "label": np.concatenate([labels, labels[:6]]),
+             "mask": np.arange(30) < 24}
+    predicted = jax.jit(make_predict_fn(tiny_config, 5))(hyper_params, batch)
+    scrambled = jax.tree.map(lambda a: a + 1.0, predicted)  # stats and head must be recomputed
+    scrambled["params"] = {**predicted["params"], "Dense_0": scrambled["params"]["Dense_0"]}
+    readout = baselines.solved_readout("resnet8", scrambled, batch, classifier,
+                                       tiny_config.hyper.ridge_lambda)
+    for got, want in zip(jax.tree.leaves(readout["batch_stats"]), jax.tree.leaves(predicted["batch_stats"])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    k_pred = np.asarray(predicted["params"]["Dense_0"]["kernel"])
+    k_read = np.asarray(readout["params"]["Dense_0"]["kernel"])
+    ratio = np.sum(k_pred * k_read) / np.sum(k_read * k_read)
+    assert ratio > 0
+    np.testing.assert_allclose(k_pred, ratio * k_read, rtol=1e-3, atol=1e-4 * np.abs(k_pred).max())
+    target = get_target("resnet8", 5)
+    np.testing.assert_array_equal(np.asarray(target.apply(readout, images, train=False)).argmax(-1),
+                                  np.asarray(target.apply(predicted, images, train=False)).argmax(-1))
+    with pytest.raises(ValueError, match="ridge"):
+        baselines.solved_readout("resnet8", predicted, batch, "generated", 0.01)
+
+
 def test_configs_saved_before_the_classifier_field_still_load(tmp_path, tiny_config):
     """Exports and workdirs written with ``hyper.prototype_classifier`` (the committed predictors
     of sessions 1-2) load, resume and compare as the equivalent ``hyper.classifier``."""
