@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.queries = 5  # query images per class for the meta-training loss
     c.data.tasks_per_batch = 4
     c.data.augment = False
-    c.data.class_rotations = 1  # 4: rotated classes as new classes (intra only; GTSRB preset uses it)
+    c.data.class_rotations = 1  # 4: rotated classes as new classes in meta-training (GTSRB preset uses it)
     c.data.num_val_tasks = 10
     c.data.num_eval_tasks = 100
     c.data.predict_shots = 15  # per class, the sample `predict` sees at evaluation time

@@ -284,8 +284,6 @@ def test_class_rotations_are_new_classes_with_rotated_images():
     assert all(set(task['rotations']) == {0} for task in info)
     with pytest.raises(ValueError, match='rotations'):
         data.ClassPool(fake, (0, 1), rotations=3)
-    with pytest.raises(ValueError, match='intra'):
-        data.meta_train_pools('inter', 'cifar10', rotations=4)
 
 
 def test_sampler_validates():
@@ -376,6 +374,9 @@ def test_inter_eval_task_is_the_whole_held_out_dataset(cache_dir):
     pools = data.meta_train_pools('inter', 'fashion_mnist', cache_dir=cache_dir)
     assert [p.name for p in pools] == ['omniglot', 'gtsrb', 'cifar10']
     assert [p.flip for p in pools] == [False, False, True]
+    # Rotated classes apply to every source pool (never to the held-out dataset: no pool has it).
+    rotated = data.meta_train_pools('inter', 'fashion_mnist', rotations=4, cache_dir=cache_dir)
+    assert [p.num_classes for p in rotated] == [4 * p.num_classes for p in pools]
 
 
 def test_as_dataset_batch_pads_and_validates():

@@ -114,8 +114,9 @@ def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotatio
     intra: one pool, the train split of `dataset` restricted to its split's meta_train classes.
     inter: `dataset` is the held-out one; one pool per other dataset, all classes of its train
       split (for Omniglot that is the background set: the evaluation alphabets stay unused).
-    rotations: see `ClassPool` (intra only: in the inter setting they would turn natural images
-      upside down).
+    rotations: see `ClassPool`; in the inter setting every source pool gets them (a rotated
+      sign or garment is a new class to tell apart, as a rotated character is). Only
+      meta-training pools are rotated: validation and the held-out dataset never are.
     prepare_kwargs go to `preprocess.prepare` (data_dir, image_size, channels, cache_dir, ...).
     """
     if setting == 'intra':
@@ -123,13 +124,11 @@ def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotatio
                                    prepare_kwargs.get('backend', 'auto'))
         return [ClassPool(preprocess.prepare(dataset, 'train', **prepare_kwargs),
                           split.meta_train, rotations=rotations)]
-    if rotations != 1:
-        raise ValueError('class rotations are for the intra setting only')
     if setting == 'inter':
         pools = []
         for source in splits.inter_split(dataset).sources:
             data = preprocess.prepare(source, 'train', **prepare_kwargs)
-            pools.append(ClassPool(data, tuple(data.class_indices)))
+            pools.append(ClassPool(data, tuple(data.class_indices), rotations=rotations))
         return pools
     raise ValueError(f"unknown setting {setting!r}; expected 'intra' or 'inter'")
 
