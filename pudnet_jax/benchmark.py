@@ -198,7 +198,9 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
                      "predict_shots": int(d.predict_shots)},
         **{key: mean_and_ci95([row[key] for row in per_task])
            for key in ("predicted", "random_init", "nearest_prototype")},
-        **({"random_init_solved": mean_and_ci95([row["random_init_solved"] for row in per_task])}
+        **({"random_init_solved": mean_and_ci95([row["random_init_solved"] for row in per_task]),
+            "predicted_minus_random_init_solved": mean_and_ci95(
+                [row["predicted"] - row["random_init_solved"] for row in per_task])}
            if config.hyper.classifier != "generated" else {}),
         "chance": float(np.mean([1.0 / t.num_classes for t in tasks])),
         "predict_seconds_median": float(np.median([r["predict_seconds"] for r in per_task])),
@@ -297,6 +299,10 @@ def markdown_report(r: dict) -> str:
         "| --- | --- | --- | --- |",
         *[f"| {a} | {t} | {acc} | {w} |" for a, t, acc, w in rows], "",
         f"Chance: {100 * r['chance']:.2f}%.", "",
+        *([f"Predicted minus random init read out as predict (same BatchNorm pass and classifier "
+           f"solve), paired over {n} task(s): {format_mean_ci(r['predicted_minus_random_init_solved'])} "
+           "points: what the predicted backbone adds over a random one.", ""]
+          if "predicted_minus_random_init_solved" in r else []),
         f"**Speedup** (mean over the {nb} baseline tasks): {sp['text']} — from scratch "
         f"{'reaches' if sp['reached'] else 'does not reach'} the predicted accuracy "
         f"{100 * sp['target_accuracy']:.2f}% {'after' if sp['reached'] else 'within'} "

@@ -208,8 +208,11 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     # init with its random Dense layer (near the 5% chance of these 20-way tasks).
     assert saved["random_init_solved"]["n"] == 2
     assert saved["random_init_solved"]["mean"] > saved["random_init"]["mean"] + 0.2
+    assert saved["predicted_minus_random_init_solved"]["mean"] == pytest.approx(
+        saved["predicted"]["mean"] - saved["random_init_solved"]["mean"])
     md = open(os.path.join(out, "benchmark.md")).read()
-    assert "Speedup" in md and "first 1 tasks only" in md and "ridge classifier from the predict sample" in md and "Adam from scratch, epoch 2" in md
+    assert "Speedup" in md and "first 1 tasks only" in md and "ridge classifier from the predict sample" in md
+    assert "what the predicted backbone adds" in md and "Adam from scratch, epoch 2" in md
     refit = saved["baseline_tasks"]["finetune_refit"]
     assert len(refit["epoch_accuracy_mean"]) == 2 and "classifier re-solved, epoch 1" in md
     assert saved["protocol"]["finetune_refit_lr"] == saved["finetune_lr_tuning"]["best_lr_refit"]
