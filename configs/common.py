@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
+
 
 def parse_arg(arg: str | None, positional: str | None = None, **defaults) -> ml_collections.ConfigDict:
     """Parses ``"gtsrb,quick"`` or ``"dataset=gtsrb,size=gpu"`` into a ConfigDict of ``defaults``.
@@ -54,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     # How the target's Dense layer is solved from its own features on the dataset batch:
     # prototype (class means) | ridge (closed-form ridge regression) | generated (ablation).
     c.hyper.classifier = "prototype"
-    c.hyper.ridge_lambda = 0.01  # ridge only; relative to the features' variance
+    c.hyper.ridge_lambda = DEFAULT_RIDGE_LAMBDA  # ridge only; relative to the features' variance
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

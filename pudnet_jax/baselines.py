@@ -205,7 +205,8 @@ def tune_learning_rate(target_name: str, tasks, lrs, *, epochs: int, batch_size:
                 finals_refit.append(r["epoch_accuracy_refit"][-1])
             seconds += r["epoch_seconds_cumulative"][-1]
         means.append(float(np.mean(finals)))
-        means_refit.append(float(np.mean(finals_refit)) if finals_refit else float("nan"))
+        if finals_refit:
+            means_refit.append(float(np.mean(finals_refit)))
     out = {"best_lr": float(lrs[int(np.argmax(means))]), "lrs": [float(x) for x in lrs],
            "mean_final_accuracy": means, "tasks": [t.name for t in tasks], "epochs": int(epochs),
            "train_seconds": seconds}

@@ -74,6 +74,38 @@ def time_predict(evaluator: TaskEvaluator, hyper_params, task, repeats: int):
     return variables, float(np.median(times)), first
 
 
+def predict_sample_frontier(config, evaluator: TaskEvaluator, hyper_params, sizes, n_base: int,
+                            scratch_stats: dict, predict_repeats: int, num_val_tasks: int) -> list:
+    """Predicted accuracy, predict time and speedup for other sizes of the predict sample.
+
+    The speed/accuracy trade-off of the dataset sketch: each size in ``sizes`` (images per class
+    given to predict) rebuilds the same fixed tasks (same classes, support and test images; only
+    the predict sample is redrawn) and is scored on all of them, timed like the main row, and
+    compared with the *same* from-scratch curve (the support does not depend on the sample).
+    Meta-val accuracy at each size is reported beside it, so an operating point can be chosen
+    without the unseen tasks. Must run after the training baselines, in the same process.
+    """
+    rows = []
+    for size in sizes:
+        sized = copy.deepcopy(config)
+        with sized.unlocked():
+            sized.data.predict_shots = int(size)
+        accs, seconds = [], []
+        for task in make_test_tasks(sized):
+            variables, median, _ = time_predict(evaluator, hyper_params, task, predict_repeats)
+            accs.append(accuracy(config.model.target, variables, task.test_images, task.test_labels))
+            seconds.append(median)
+        meta_val = evaluator.evaluate(hyper_params, baselines.lr_tuning_tasks(sized, num_val_tasks))
+        base_acc, base_s = float(np.mean(accs[:n_base])), float(np.mean(seconds[:n_base]))
+        rows.append({"predict_shots": int(size), "predicted": mean_and_ci95(accs),
+                     "meta_val_predicted": meta_val["predicted"]["mean"],
+                     "predict_seconds_median": float(np.median(seconds)),
+                     "baseline_tasks_predicted": base_acc,
+                     "speedup": speedup(scratch_stats["epoch_accuracy_mean"],
+                                        scratch_stats["epoch_seconds_mean"], base_acc, base_s)})
+    return rows
+
+
 def _curve_stats(runs, refit: bool = False) -> dict:
     """Mean curves over tasks; ``refit``: of the re-solved classifier, its own time included."""
     if refit:
@@ -90,7 +122,7 @@ def _curve_stats(runs, refit: bool = False) -> dict:
 def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=None,
                   scratch_lr=None, finetune_lrs=None, lr_tune_tasks: int = 3, lr_tune_epochs=None,
                   predict_repeats: int = 3, command: str | None = None,
-                  config_arg: str | None = None) -> dict:
+                  config_arg: str | None = None, frontier_shots=(), frontier_val_tasks: int = 10) -> dict:
     """Runs the protocol for ``config`` (``config.eval`` sizes the baselines) -> results dict.
 
     ``scratch_lr`` fixes the from-scratch LR (else tuned over ``config.eval.scratch_lrs``);
@@ -98,6 +130,8 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     on ``lr_tune_tasks`` meta-val tasks (``baselines.lr_tuning_tasks``), never the unseen ones.
     A predictor with the ridge classifier also gets fine-tuning with the classifier re-solved
     after each epoch (``baselines.refit_classifier``, its LR tuned by the same sweep).
+    ``frontier_shots``: other predict-sample sizes to score and time against the same
+    from-scratch curve (``predict_sample_frontier``; meta-val on ``frontier_val_tasks`` tasks).
     """
     wall_start = time.perf_counter()
     load_start = list(os.getloadavg())
@@ -182,6 +216,8 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     base_predict_s = float(np.mean([(r["predict_seconds"] + r["predict_seconds_after_scratch"]) / 2
                                     for r in per_task[:n_base]]))
     scratch_stats, finetune_stats = _curve_stats(scratch_runs), _curve_stats(finetune_runs)
+    frontier = predict_sample_frontier(config, evaluator, hyper_params, frontier_shots, n_base,
+                                       scratch_stats, predict_repeats, frontier_val_tasks)
     results = {
         "setting": d.setting, "dataset": d.dataset if d.setting == "intra" else d.held_out,
         "target": target_name, "checkpoint": {"path": os.path.abspath(checkpoint), "info": info},
@@ -213,6 +249,7 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
                               if refit_lambda is not None else {})},
         "speedup": speedup(scratch_stats["epoch_accuracy_mean"], scratch_stats["epoch_seconds_mean"],
                            float(np.mean(base_predicted)), base_predict_s),
+        "predict_sample_frontier": frontier,
         "per_task": per_task, "per_baseline_task": base_rows,
         "class_split": (data.class_split(d.dataset, d.split_seed, config.data_dir or None).to_dict()
                         if d.setting == "intra" else data.inter_split(d.held_out).to_dict()),
@@ -308,8 +345,24 @@ def markdown_report(r: dict) -> str:
         f"{100 * sp['target_accuracy']:.2f}% {'after' if sp['reached'] else 'within'} "
         f"{sp['scratch_seconds']:.3f} s; predict takes {sp['predict_seconds']:.4f} s. Per task, from "
         f"scratch reaches that task's predicted accuracy on {sp['per_task_reached']} of {nb} tasks "
-        f"within {p['scratch_epochs']} epochs.", ""]
+        f"within {p['scratch_epochs']} epochs.", "", *_frontier_lines(r)]
     return "\n".join(lines)
+
+
+def _frontier_lines(r: dict) -> list[str]:
+    if not r.get("predict_sample_frontier"):
+        return []
+    nb = r["protocol"]["num_baseline_tasks"]
+    lines = ["**Predict sample size** (images per class given to predict; the same tasks and the "
+             "same from-scratch curve, timed after the baselines; meta-val for choosing a size "
+             "without the unseen tasks):", "",
+             f"| images per class | meta-val % | unseen % (all tasks) | predict s (median) | "
+             f"speedup ({nb} baseline tasks) |", "| --- | --- | --- | --- | --- |"]
+    for row in r["predict_sample_frontier"]:
+        lines.append(f"| {row['predict_shots']} | {100 * row['meta_val_predicted']:.2f} | "
+                     f"{format_mean_ci(row['predicted'])} | {row['predict_seconds_median']:.4f} | "
+                     f"{row['speedup']['text']} (to {100 * row['baseline_tasks_predicted']:.2f}%) |")
+    return lines + [""]
 
 
 def plot_results(r: dict, output: str) -> None:
@@ -377,7 +430,8 @@ def main(argv):
     r = run_benchmark(config, f.checkpoint, f.output, num_baseline_tasks=f.num_baseline_tasks,
                       scratch_lr=f.scratch_lr, finetune_lrs=finetune_lrs, lr_tune_tasks=f.lr_tune_tasks,
                       lr_tune_epochs=f.lr_tune_epochs, predict_repeats=f.predict_repeats,
-                      command=command, config_arg=config_arg)
+                      command=command, config_arg=config_arg,
+                      frontier_shots=[int(x) for x in f.frontier_shots or ()])
     print(markdown_report(r))
     print(f"Wrote {os.path.abspath(f.output)}/benchmark.{{json,md}} and plots.")
 
@@ -399,6 +453,8 @@ def _define_flags():
     flags.DEFINE_integer("lr_tune_tasks", 3, "Meta-val tasks of the LR sweeps.")
     flags.DEFINE_integer("lr_tune_epochs", None, "Epochs per LR-sweep run (default: scratch_epochs).")
     flags.DEFINE_integer("predict_repeats", 3, "Timed predict calls per task (median).")
+    flags.DEFINE_list("frontier_shots", None, "Also score and time predict with these sample sizes "
+                      "(images per class), e.g. 10,25,50, against the same from-scratch curve.")
 
 
 if __name__ == "__main__":

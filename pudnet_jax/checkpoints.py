@@ -27,6 +27,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
+
 # The config sections that fix the hypernetwork's parameter shapes; a checkpoint can only be
 # restored under a config that agrees on these.
 ARCHITECTURE_FIELDS = ("hyper",)
@@ -47,7 +49,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
     hyper = saved.get("hyper", {})
     if "prototype_classifier" in hyper and "classifier" not in hyper:
         hyper["classifier"] = "prototype" if hyper.pop("prototype_classifier") else "generated"
-        hyper.setdefault("ridge_lambda", 0.01)
+        hyper.setdefault("ridge_lambda", DEFAULT_RIDGE_LAMBDA)
     return saved
 
 

@@ -185,7 +185,7 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     out = str(tmp_path / "bench")
     r = benchmark.run_benchmark(checkpoints.read_config(export), export, out, lr_tune_tasks=1,
                                 lr_tune_epochs=1, finetune_lrs=[0.0, 1e-4], predict_repeats=1,
-                                command="pytest")
+                                command="pytest", frontier_shots=[5, 15], frontier_val_tasks=1)
     for name in ("benchmark.json", "benchmark.md", "accuracy_vs_time.png", "per_task_scatter.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     saved = json.load(open(os.path.join(out, "benchmark.json")))
@@ -216,6 +216,15 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     refit = saved["baseline_tasks"]["finetune_refit"]
     assert len(refit["epoch_accuracy_mean"]) == 2 and "classifier re-solved, epoch 1" in md
     assert saved["protocol"]["finetune_refit_lr"] == saved["finetune_lr_tuning"]["best_lr_refit"]
+    # Predict-sample frontier: the configured size (15) rebuilds exactly the main row's tasks and
+    # sample, so it reproduces its accuracies; 5 images per class is another sample of them.
+    small, same = saved["predict_sample_frontier"]
+    assert (small["predict_shots"], same["predict_shots"]) == (5, 15)
+    assert same["predicted"]["mean"] == pytest.approx(saved["predicted"]["mean"])
+    assert same["baseline_tasks_predicted"] == pytest.approx(saved["baseline_tasks"]["predicted"]["mean"])
+    assert small["predicted"]["n"] == 2 and 0.0 <= small["meta_val_predicted"] <= 1.0
+    assert small["speedup"]["text"].endswith("x") and small["predict_seconds_median"] > 0
+    assert "| 5 |" in md and "Predict sample size" in md
 
 
 @pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")

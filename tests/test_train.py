@@ -66,8 +66,18 @@ def test_sharded_step_on_4_devices_equals_1_device(tiny_config):
     (loss_4, aux_4), grads_4 = results[1]
     np.testing.assert_allclose(loss_1, loss_4, rtol=1e-5)
     np.testing.assert_allclose(aux_1["accuracy"], aux_4["accuracy"])
-    # Same gradients up to float summation order (4 partial sums + all-reduce vs one sum).
-    chex.assert_trees_all_close(grads_1, grads_4, rtol=2e-3, atol=2e-5)
+    # Same gradients up to float rounding (4 partial sums + all-reduce vs one sum), compared in
+    # norm over the whole tree and leaf by leaf against that norm. Elementwise tolerances trip on
+    # leaves whose true gradient is zero (the encoder's conv bias before GroupNorm: ~1e-9 of
+    # noise) and on near-cancelling sums, which round differently on other CPU models (seen on
+    # an Intel Xeon: 4e-4 globally, cosine 0.9999997); a real bug (a missing all-reduce, a mean
+    # over shards instead of over tasks) is off by O(1).
+    flat_1, flat_4 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+                      for g in (grads_1, grads_4))
+    scale = np.linalg.norm(flat_4)
+    assert np.linalg.norm(flat_1 - flat_4) < 2e-3 * scale
+    leaf_gaps = jax.tree.map(lambda a, b: float(np.linalg.norm(a - b)) / scale, grads_1, grads_4)
+    assert max(jax.tree.leaves(leaf_gaps)) < 1e-3, leaf_gaps
 
 
 def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):

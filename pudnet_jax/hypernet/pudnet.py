@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
-from pudnet_jax.hypernet.ridge import ridge_classifier
+from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA, ridge_classifier
 from pudnet_jax.hypernet.head import ParameterHead, set_path
 from pudnet_jax.hypernet.layers import descriptor_features, describe_target
 from pudnet_jax.models import get_target
@@ -83,7 +83,7 @@ class PudNet(nn.Module):
     recurrent: bool = True
     sketch_conditioning: bool = True
     classifier: str = "prototype"
-    ridge_lambda: float = 0.01
+    ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
 
     @nn.compact
     def __call__(self, images, labels, mask):

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 
 # Gram matrices on TPU default to bf16 passes; the solve needs them in full float32.
 _HIGHEST = jax.lax.Precision.HIGHEST
+# The one default of the ridge strength (PudNet's field, configs/common.py, and configs saved
+# before the field existed all read it from here).
+DEFAULT_RIDGE_LAMBDA = 0.01
 
 
 def ridge_classifier(features, labels, mask, num_classes: int, ridge_lambda: float):
