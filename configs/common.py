@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0
     c.data.way = 20
     c.data.min_way = 0  # >0: draw the way per task from [min_way, way]
+    # >0: meta-training tasks of this (larger) way, while validation and evaluation keep `way`
+    # (ProtoNets train Omniglot with more ways than they test); model.num_classes must hold it.
+    c.data.train_way = 0
     c.data.shots = 5  # support images per class the hypernetwork sees in meta-training
     c.data.queries = 5  # query images per class for the meta-training loss
     c.data.tasks_per_batch = 4

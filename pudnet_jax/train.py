@@ -170,7 +170,12 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
     dataset = d.dataset if d.setting == "intra" else d.held_out
     pools = data.meta_train_pools(d.setting, dataset, split_seed=d.split_seed,
                                   rotations=d.get("class_rotations", 1), **prepare_kwargs(config))
-    way = (d.min_way, d.way) if d.min_way else d.way
+    max_way = d.get("train_way", 0) or d.way
+    if max_way > config.model.num_classes:
+        raise ValueError(f"meta-training tasks are {max_way}-way (data.train_way / data.way) but "
+                         f"model.num_classes is {config.model.num_classes}; set model.num_classes "
+                         f">= {max_way}.")
+    way = (d.min_way, max_way) if d.min_way else max_way
     offset, tasks = (distributed.process_task_range(d.tasks_per_batch) if process_share
                      else (0, d.tasks_per_batch))
     return data.TaskSampler(pools, way=way, shots=d.shots, queries=d.queries, tasks_per_batch=tasks,

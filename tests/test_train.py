@@ -80,6 +80,23 @@ def test_sharded_step_on_4_devices_equals_1_device(tiny_config):
     assert max(jax.tree.leaves(leaf_gaps)) < 1e-3, leaf_gaps
 
 
+def test_train_way_widens_meta_training_tasks_only(tiny_config):
+    """data.train_way: 8-way meta-training tasks; meta-val and test tasks stay data.way."""
+    from pudnet_jax.train import Validator, make_test_tasks
+    from pudnet_jax.evaluate import TaskEvaluator
+
+    config = _small_run_config(tiny_config)
+    config.data.train_way, config.data.num_eval_tasks = 8, 1
+    with pytest.raises(ValueError, match="model.num_classes is 5"):
+        make_sampler(config)
+    config.model.num_classes = 8
+    batch, info = make_sampler(config).batch(0, return_info=True)
+    assert batch["support"]["label"].shape[-1] == 8 * config.data.shots
+    assert all(len(task["classes"]) == 8 for task in info)
+    assert make_test_tasks(config)[0].num_classes == 5
+    assert all(t.num_classes == 5 for t in Validator(config, TaskEvaluator(config)).tasks)
+
+
 def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     config = _small_run_config(tiny_config, num_steps=4)
     config.train.eval_every = 0
