@@ -258,3 +258,32 @@ def test_classifier_swap_chooses_settings_on_meta_val_only(hyper, tmp_path):
     assert (as_trained["classifier"], as_trained["predict_shots"]) == ("prototype", 5)
     assert r["num_unseen_tasks"] == 2 and r["ridge_minus_as_trained_unseen"]["n"] == 2
     assert "| ridge (chosen) |" in markdown(r)
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_task_evaluator_never_times_compilation(hyper, tmp_path):
+    """TaskEvaluator.predict runs the first task of each batch shape once untimed: with a single
+    task (inter: the whole held-out dataset) the reported predict time was the compile time."""
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import make_test_tasks
+
+    c, hyper_params = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.num_eval_tasks, c.data.predict_shots = 3, 5
+    tasks = make_test_tasks(c)
+    evaluator = TaskEvaluator(c)
+    jitted = evaluator.predict_fn(tasks[0].num_classes)
+    calls = []
+
+    def counting_predict(*args):
+        calls.append(1)
+        return jitted(*args)
+
+    evaluator._predict[tasks[0].num_classes] = counting_predict
+    one = evaluator.evaluate(hyper_params, tasks[:1])
+    assert len(calls) == 2  # one untimed warm-up, then the timed call
+    every = evaluator.evaluate(hyper_params, tasks)
+    assert len(calls) == 2 + len(tasks)  # same batch shape: no second warm-up
+    assert one["per_task_predicted"] == every["per_task_predicted"][:1]
+    assert one["predict_seconds_median"] > 0
