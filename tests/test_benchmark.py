@@ -287,3 +287,30 @@ def test_task_evaluator_never_times_compilation(hyper, tmp_path):
     assert len(calls) == 2 + len(tasks)  # same batch shape: no second warm-up
     assert one["per_task_predicted"] == every["per_task_predicted"][:1]
     assert one["predict_seconds_median"] > 0
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_compare_predictors_is_paired_on_meta_val_tasks(hyper, tmp_path):
+    """launch/compare_predictors.py scores each export on the same meta-val tasks (never the
+    unseen ones); differences are paired against the first; another dataset is refused."""
+    from launch.compare_predictors import compare, markdown
+
+    c, hyper_params = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.predict_shots = 5
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    checkpoints.export_predictor(hyper_params, c, first, {"note": "random init"})
+    other = init_hyper_params(c, jax.random.key(1, impl="rbg"))
+    checkpoints.export_predictor(other, c, second, {"note": "another random init"})
+    r = compare([first, second], num_val_tasks=2)
+    assert r["num_val_tasks"] == 2 and all(t.startswith("omniglot/meta_val") for t in r["val_tasks"])
+    a, b = r["rows"]
+    assert a["minus_first"]["mean"] == 0.0
+    assert b["minus_first"]["mean"] == pytest.approx(np.mean(b["per_task"]) - np.mean(a["per_task"]))
+    assert "minus the first" in markdown(r)
+    gtsrb = c.copy_and_resolve_references()
+    gtsrb.data.dataset = "gtsrb"
+    checkpoints.export_predictor(hyper_params, gtsrb, str(tmp_path / "g"), {})
+    with pytest.raises(ValueError, match="data.dataset"):
+        compare([first, str(tmp_path / "g")], num_val_tasks=2)
