@@ -1,0 +1,57 @@
+"""The committed predictors under checkpoints/: they load on a fresh clone, fit their own
+config, and reproduce the accuracy their committed benchmark reports."""
+
+import json
+import os
+
+import pytest
+
+from pudnet_jax import checkpoints, data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = ["intra_omniglot_resnet8", "intra_gtsrb_resnet8", "inter_resnet8"]
+
+
+def _export(name):
+    path = os.path.join(REPO, "checkpoints", name)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        pytest.skip(f"checkpoints/{name} is not in this checkout")
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_predictor_fits_its_config(name):
+    """Params restore against the architecture their config.json describes (a mismatch raises
+    ArchitectureMismatchError), and info.json records where they came from."""
+    path = _export(name)
+    config = checkpoints.read_config(path)
+    params, info = checkpoints.restore_hyper_params(path, config)
+    assert info["source"] == "best" and 0.0 < info["best_val_accuracy"] <= 1.0
+    assert config.model.target == "resnet8" and config.hyper.classifier == "ridge"
+    assert len(params) > 0
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(data.default_data_dir(), "omniglot.npz")),
+                    reason="no omniglot.npz in the data dir")
+def test_shipped_omniglot_predictor_reproduces_its_benchmark(tmp_path):
+    """The first unseen task of the committed Omniglot benchmark, predicted again from the
+    committed export: the same accuracy (within 2 of its 100 test images: float reductions
+    differ across CPUs), far above chance (5%)."""
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import make_test_tasks
+
+    path = _export("intra_omniglot_resnet8")
+    bench_path = os.path.join(REPO, "results", "intra_omniglot_resnet8", "benchmark.json")
+    bench = json.load(open(bench_path))
+    config = checkpoints.read_config(path)
+    params, info = checkpoints.restore_hyper_params(path, config)
+    if bench["checkpoint"]["info"]["step"] != info["step"] or (
+            bench["checkpoint"]["info"].get("best_val_accuracy") != info["best_val_accuracy"]):
+        pytest.skip("results/intra_omniglot_resnet8 benchmarks another export than the committed one")
+    config.cache_dir = str(tmp_path / "cache")
+    config.data.num_eval_tasks = 1
+    task = make_test_tasks(config)[0]
+    assert task.name == bench["per_task"][0]["name"]
+    accuracy = TaskEvaluator(config).evaluate(params, [task])["per_task_predicted"][0]
+    assert accuracy == pytest.approx(bench["per_task"][0]["predicted"], abs=0.02)
+    assert accuracy > 0.9
