@@ -36,15 +36,17 @@ def compare(paths: list[str], num_val_tasks: int) -> dict:
     if len(paths) < 2:
         raise ValueError(f"need at least two predictors to compare, got {paths}")
     start = time.perf_counter()
-    reference = checkpoints.read_config(paths[0])
-    tasks = baselines.lr_tuning_tasks(reference, num_val_tasks)
-    rows = []
-    for path in paths:
-        config = checkpoints.read_config(path)
+    configs = [checkpoints.read_config(path) for path in paths]
+    reference = configs[0]
+    # Checked before any evaluation: a mismatch should not surface minutes into the run.
+    for path, config in zip(paths[1:], configs[1:]):
         for field in ("setting", "dataset", "held_out", "split_seed"):
             if config.data[field] != reference.data[field]:
                 raise ValueError(f"{path}: data.{field}={config.data[field]!r} differs from "
                                  f"{paths[0]}'s {reference.data[field]!r}; their meta-val tasks differ.")
+    tasks = baselines.lr_tuning_tasks(reference, num_val_tasks)
+    rows = []
+    for path, config in zip(paths, configs):
         params, info = checkpoints.restore_hyper_params(path, config)
         result = TaskEvaluator(config).evaluate(params, tasks)
         rows.append({"checkpoint": path, "info_step": info.get("step"),
