@@ -162,7 +162,10 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
     export_dir = os.path.join(directory, "hyper_params")
     try:
         if os.path.isdir(export_dir):
-            params = ocp.StandardCheckpointer().restore(os.path.abspath(export_dir), abstract)
+            # Context managers close Orbax's async machinery: an unclosed checkpointer printed
+            # 'Event loop is closed' tracebacks at interpreter exit.
+            with ocp.StandardCheckpointer() as checkpointer:
+                params = checkpointer.restore(os.path.abspath(export_dir), abstract)
             info_path = os.path.join(directory, "info.json")
             info = json.load(open(info_path)) if os.path.exists(info_path) else {}
             return params, info
@@ -170,21 +173,21 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
             path = os.path.join(directory, sub)
             if not os.path.isdir(path):
                 continue
-            manager = _manager(path, 1, read_only=True)
-            step = manager.latest_step()
-            if step is None:
-                continue
-            if key == "params":
-                restored = manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-                return restored.params, {"step": step, "source": "best", **dict(restored.meta)}
-            from pudnet_jax.train import create_train_state
+            with _manager(path, 1, read_only=True) as manager:
+                step = manager.latest_step()
+                if step is None:
+                    continue
+                if key == "params":
+                    restored = manager.restore(step, args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                    return restored.params, {"step": step, "source": "best", **dict(restored.meta)}
+                from pudnet_jax.train import create_train_state
 
-            abstract_state = _strict_abstract(
-                jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))))
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-            return restored.state.params, {"step": step, "source": "latest"}
+                abstract_state = _strict_abstract(
+                    jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))))
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                return restored.state.params, {"step": step, "source": "latest"}
     except (ValueError, KeyError) as e:
         if isinstance(e, ArchitectureMismatchError):
             raise
@@ -199,10 +202,10 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
 def export_predictor(hyper_params: Any, config, directory: str, info: dict) -> None:
     """Writes an export (config, params only, provenance) that ``load_predictor`` reads."""
     os.makedirs(directory, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(directory, "hyper_params")),
-                      jax.device_get(hyper_params), force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(directory, "hyper_params")),
+                          jax.device_get(hyper_params), force=True)
+        checkpointer.wait_until_finished()
     with open(os.path.join(directory, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
     with open(os.path.join(directory, "info.json"), "w") as f:

@@ -39,9 +39,9 @@ def save_variables(variables, output: str) -> None:
     """
     os.makedirs(output, exist_ok=True)
     host = jax.device_get(variables)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(output, "orbax")), host, force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(output, "orbax")), host, force=True)
+        checkpointer.wait_until_finished()
     with open(os.path.join(output, "variables.msgpack"), "wb") as f:
         f.write(flax.serialization.msgpack_serialize(host))
 
