@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tasks_per_batch = 4
     c.data.augment = False
     c.data.class_rotations = 1  # 4: rotated classes as new classes in meta-training (GTSRB preset uses it)
+    # inter: fraction of meta-training tasks whose classes mix all sources (TaskSampler); a
+    # within-source task's way is capped by its source (Fashion-MNIST: 10 classes, 40 rotated).
+    c.data.cross_source_prob = 0.0
     c.data.num_val_tasks = 10
     c.data.num_eval_tasks = 100
     c.data.predict_shots = 15  # per class, the sample `predict` sees at evaluation time

@@ -179,7 +179,8 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
     offset, tasks = (distributed.process_task_range(d.tasks_per_batch) if process_share
                      else (0, d.tasks_per_batch))
     return data.TaskSampler(pools, way=way, shots=d.shots, queries=d.queries, tasks_per_batch=tasks,
-                            seed=config.seed * 1000, augment=d.augment, task_offset=offset)
+                            seed=config.seed * 1000, augment=d.augment, task_offset=offset,
+                            cross_source_prob=d.get("cross_source_prob", 0.0))
 
 
 class Validator:

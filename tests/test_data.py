@@ -428,3 +428,48 @@ def _fake_prepared(num_classes, per_class, name='cifar10'):
     return preprocess.PreparedDataset(name, 'train', images, labels,
                                       tuple(map(str, range(num_classes))), {},
                                       np.zeros(3, np.float32), np.ones(3, np.float32))
+
+
+def test_cross_source_tasks_mix_pools_and_keep_every_image_traceable():
+    a, b = _fake_prepared(4, 6, name='fashion_mnist'), _fake_prepared(5, 6, name='gtsrb')
+    pools = [data.ClassPool(a, (0, 1, 2, 3), rotations=4), data.ClassPool(b, (0, 1, 2, 3, 4))]
+    s = data.TaskSampler(pools, way=12, shots=2, queries=3, tasks_per_batch=6, seed=3,
+                         cross_source_prob=1.0)
+    batch, info = s.batch(7, return_info=True)
+    by_name = {p.name: p for p in pools}
+    for t, task in enumerate(info):
+        names = task['class_datasets']
+        assert task['dataset'] == 'fashion_mnist+gtsrb' and set(names) == set(by_name)
+        keys = list(zip(names, task['classes'], task['rotations']))
+        assert len(set(keys)) == len(keys) == 12  # distinct classes; 16 + 5 available, slots a pool cannot fill go to the other
+        assert sum(n == "gtsrb" for n in names) <= 5  # a pool never gives more than it has
+        for part, idx, per in (('support', task['support_indices'], 2),
+                               ('query', task['query_indices'], 3)):
+            rows = batch[part]
+            assert rows['mask'][t].sum() == 12 * per
+            np.testing.assert_array_equal(rows['label'][t, :12 * per], np.repeat(np.arange(12), per))
+            for j, (name, c, turns) in enumerate(keys):
+                pool_data = by_name[name].data
+                block = idx[j * per:(j + 1) * per]
+                assert set(pool_data.labels[block]) == {c}
+                np.testing.assert_array_equal(rows['image'][t, j * per:(j + 1) * per],
+                                              np.rot90(pool_data.images[block], turns, axes=(1, 2)))
+        for j in range(12):  # support and query of a class never share an image
+            assert not set(task['support_indices'][2 * j:2 * j + 2]) & set(
+                task['query_indices'][3 * j:3 * j + 3])
+    again = s.batch(7)
+    np.testing.assert_array_equal(again['support']['image'], batch['support']['image'])
+    assert s.task_classes(7) == [(t['dataset'], t['classes']) for t in info]
+
+
+def test_cross_source_prob_mixes_task_kinds_and_rejects_bad_values():
+    a, b = _fake_prepared(4, 4, name='cifar10'), _fake_prepared(4, 4, name='gtsrb')
+    pools = [data.ClassPool(a, (0, 1, 2, 3)), data.ClassPool(b, (0, 1, 2, 3))]
+    names = [name for step in range(20) for name, _ in data.TaskSampler(
+        pools, 6, 1, 1, 4, seed=0, cross_source_prob=0.5).task_classes(step)]
+    mixed = sum(n == 'cifar10+gtsrb' for n in names) / len(names)
+    assert 0.3 < mixed < 0.7 and set(names) == {'cifar10', 'gtsrb', 'cifar10+gtsrb'}
+    with pytest.raises(ValueError, match='cross_source_prob must be'):
+        data.TaskSampler(pools, 2, 1, 1, 1, 0, cross_source_prob=1.5)
+    with pytest.raises(ValueError, match='at least two pools'):
+        data.TaskSampler(pools[:1], 2, 1, 1, 1, 0, cross_source_prob=0.5)

@@ -135,11 +135,15 @@ def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotatio
 
 @dataclasses.dataclass(frozen=True)
 class _TaskPlan:
-    pool: int
+    pool: int  # the pool of every class, or CROSS_SOURCE when they come from several pools
     classes: np.ndarray  # original class ids in label order
     rotations: np.ndarray  # per class, quarter turns applied to its images (ClassPool.rotations)
     support: np.ndarray  # [K*S] indices into the pool's dataset, class-major
     query: np.ndarray  # [K*Q]
+    class_pools: np.ndarray | None = None  # [K] pool of each class (cross-source tasks only)
+
+
+CROSS_SOURCE = -1  # _TaskPlan.pool of a task whose classes come from several pools
 
 
 class TaskSampler:
@@ -152,12 +156,20 @@ class TaskSampler:
     queries distinct images per class: support and query never share an image.
     With `task_offset=o`, batch(step) holds tasks o..o+T-1 of that stream (task t uses
     `default_rng([seed, step, o + t])`): one process's slice of the global batch.
+
+    `cross_source_prob=p` (several pools only): a task is, with probability p, a cross-source
+    task instead: each of its K class slots picks a pool by `dataset_weights`, then the slots of
+    a pool take distinct classes of it (so a 60-way task of three pools holds ~20 classes of
+    each; slots a pool cannot fill go to the others). Telling a road sign from a
+    character and a garment in one task asks for features that are not specific to one source,
+    which is what a held-out dataset needs; within-source tasks cap the way at the smallest
+    pool's class count. p=0 leaves the task stream exactly as before (no extra draw).
     """
 
     def __init__(self, pools: Sequence[ClassPool], way: int | tuple[int, int], shots: int,
                  queries: int, tasks_per_batch: int, seed: int, augment: bool = False,
                  dataset_weights: Sequence[float] | Mapping[str, float] | None = None,
-                 task_offset: int = 0):
+                 task_offset: int = 0, cross_source_prob: float = 0.0):
         if not pools:
             raise ValueError('TaskSampler needs at least one ClassPool')
         self.pools = tuple(pools)
@@ -185,6 +197,12 @@ class TaskSampler:
                 raise ValueError(f'{pool.name}: classes {short[:10]} have fewer than shots + '
                                  f'queries = {self.shots + self.queries} images')
         self.weights = self._normalised_weights(dataset_weights)
+        if not 0.0 <= float(cross_source_prob) <= 1.0:
+            raise ValueError(f'cross_source_prob must be in [0, 1]; got {cross_source_prob}')
+        if cross_source_prob > 0 and len(self.pools) < 2:
+            raise ValueError('cross_source_prob > 0 needs at least two pools (the inter setting); '
+                             f'got one pool ({self.pools[0].name})')
+        self.cross_source_prob = float(cross_source_prob)
 
     def _normalised_weights(self, weights) -> np.ndarray:
         if weights is None:
@@ -209,6 +227,8 @@ class TaskSampler:
         return self.max_way * self.queries
 
     def _plan(self, rng: np.random.Generator) -> _TaskPlan:
+        if self.cross_source_prob > 0 and rng.random() < self.cross_source_prob:
+            return self._cross_source_plan(rng)
         pool_index = int(rng.choice(len(self.pools), p=self.weights))
         pool = self.pools[pool_index]
         k = min(int(rng.integers(self.min_way, self.max_way + 1)), pool.num_classes)
@@ -225,10 +245,39 @@ class TaskSampler:
         return _TaskPlan(pool_index, classes, rotations, picks[:, :self.shots].ravel(),
                          picks[:, self.shots:].ravel())
 
+    def _cross_source_plan(self, rng: np.random.Generator) -> _TaskPlan:
+        capacity = np.array([p.num_classes if w > 0 else 0 for p, w in zip(self.pools, self.weights)])
+        k = min(int(rng.integers(self.min_way, self.max_way + 1)), int(capacity.sum()))
+        slots = np.zeros(len(self.pools), int)
+        for _ in range(k):  # slot by slot, so a full pool's share goes to the others
+            open_weights = np.where(slots < capacity, self.weights, 0.0)
+            slots[rng.choice(len(self.pools), p=open_weights / open_weights.sum())] += 1
+        pool_of, classes, rotations, picks = [], [], [], []
+        for index, (pool, count) in enumerate(zip(self.pools, slots)):
+            virtual = rng.choice(pool.num_classes, int(count), replace=False)
+            for v in virtual:
+                c = pool.classes[v // pool.rotations]
+                pool_of.append(index)
+                classes.append(c)
+                rotations.append((v % pool.rotations) * (4 // pool.rotations))
+                picks.append(rng.choice(pool.data.class_indices[int(c)], self.shots + self.queries,
+                                        replace=False))
+        order = rng.permutation(len(classes))  # label order: pools interleaved, not in blocks
+        picks = np.stack(picks)[order]
+        return _TaskPlan(CROSS_SOURCE, np.asarray(classes)[order], np.asarray(rotations)[order],
+                         picks[:, :self.shots].ravel(), picks[:, self.shots:].ravel(),
+                         class_pools=np.asarray(pool_of)[order])
+
+    def _task_name(self, plan: _TaskPlan) -> str:
+        if plan.pool != CROSS_SOURCE:
+            return self.pools[plan.pool].name
+        return '+'.join(self.pools[i].name for i in sorted(set(plan.class_pools.tolist())))
+
     def task_classes(self, step: int) -> list[tuple[str, tuple[int, ...]]]:
-        """(dataset name, original class ids in label order) of each task of batch `step`."""
+        """(dataset name, original class ids in label order) of each task of batch `step`; a
+        cross-source task's name joins its pools' names with '+' (e.g. 'gtsrb+omniglot')."""
         plans = [self._plan(self._rng(step, t)) for t in range(self.tasks_per_batch)]
-        return [(self.pools[p.pool].name, tuple(int(c) for c in p.classes)) for p in plans]
+        return [(self._task_name(p), tuple(int(c) for c in p.classes)) for p in plans]
 
     def _rng(self, step: int, task: int) -> np.random.Generator:
         if step < 0:
@@ -240,7 +289,8 @@ class TaskSampler:
 
         With return_info=True, returns (batch, info): info[t] has the task's 'dataset',
         'classes' (original ids in label order) and 'support_indices'/'query_indices' into
-        the pool's prepared split (the train split, for pools from meta_train_pools).
+        the pool's prepared split (the train split, for pools from meta_train_pools); a
+        cross-source task also has 'class_datasets' (each class's pool, in label order).
         """
         t_count = self.tasks_per_batch
         batch = {'support': _empty_set(self.num_support, self.image_shape, (t_count,)),
@@ -249,22 +299,37 @@ class TaskSampler:
         for t in range(t_count):
             rng = self._rng(step, t)
             plan = self._plan(rng)
-            pool = self.pools[plan.pool]
             for part, idx, per_class in (('support', plan.support, self.shots),
                                          ('query', plan.query, self.queries)):
-                images = pool.data.images[idx]
-                if plan.rotations.any():
-                    images = _rotate_classes(images, plan.rotations, per_class)
-                if self.augment:
-                    images = augment_images(images, rng, flip=pool.flip)
+                images = self._task_images(plan, idx, per_class, rng)
                 out, n = batch[part], len(idx)
                 out['image'][t, :n] = images
                 out['label'][t, :n] = np.repeat(np.arange(len(plan.classes)), per_class)
                 out['mask'][t, :n] = True
-            info.append({'dataset': pool.name, 'classes': tuple(int(c) for c in plan.classes),
+            info.append({'dataset': self._task_name(plan),
+                         'classes': tuple(int(c) for c in plan.classes),
                          'rotations': tuple(int(r) for r in plan.rotations),
                          'support_indices': plan.support, 'query_indices': plan.query})
+            if plan.class_pools is not None:
+                info[-1]['class_datasets'] = tuple(self.pools[i].name for i in plan.class_pools)
         return (batch, info) if return_info else batch
+
+    def _task_images(self, plan: _TaskPlan, idx: np.ndarray, per_class: int,
+                     rng: np.random.Generator) -> np.ndarray:
+        """The (rotated, augmented) images of one part of a task, class-major as `idx`."""
+        if plan.pool != CROSS_SOURCE:
+            pool = self.pools[plan.pool]
+            images = pool.data.images[idx]
+            if plan.rotations.any():
+                images = _rotate_classes(images, plan.rotations, per_class)
+            return augment_images(images, rng, flip=pool.flip) if self.augment else images
+        blocks = []
+        for j, (pool_index, turns) in enumerate(zip(plan.class_pools, plan.rotations)):
+            pool = self.pools[int(pool_index)]
+            block = np.rot90(pool.data.images[idx[j * per_class:(j + 1) * per_class]], int(turns),
+                             axes=(1, 2))
+            blocks.append(augment_images(block, rng, flip=pool.flip) if self.augment else block)
+        return np.concatenate(blocks)
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None,
                 prefetch: int = 2) -> PrefetchIterator:
