@@ -232,6 +232,12 @@ class TaskSampler:
         pool_index = int(rng.choice(len(self.pools), p=self.weights))
         pool = self.pools[pool_index]
         k = min(int(rng.integers(self.min_way, self.max_way + 1)), pool.num_classes)
+        classes, rotations, picks = self._draw_classes(pool, k, rng)
+        return _TaskPlan(pool_index, classes, rotations, picks[:, :self.shots].ravel(),
+                         picks[:, self.shots:].ravel())
+
+    def _draw_classes(self, pool: ClassPool, k: int, rng: np.random.Generator):
+        """k distinct classes of `pool`: (original ids [k], quarter turns [k], image picks [k, S+Q])."""
         # choice without replacement returns the classes in random order: that order is the
         # per-task label remapping (label j <-> classes[j]). Class j of the task is (original
         # class, quarter turns) = divmod(virtual id, rotations); with rotations=1 this draws
@@ -239,11 +245,9 @@ class TaskSampler:
         virtual = rng.choice(pool.num_classes, k, replace=False)
         classes = np.asarray(pool.classes)[virtual // pool.rotations]
         rotations = (virtual % pool.rotations) * (4 // pool.rotations)
-        picks = np.stack([rng.choice(pool.data.class_indices[int(c)],
-                                     self.shots + self.queries, replace=False)
-                          for c in classes])  # [K, S+Q]
-        return _TaskPlan(pool_index, classes, rotations, picks[:, :self.shots].ravel(),
-                         picks[:, self.shots:].ravel())
+        picks = np.array([rng.choice(pool.data.class_indices[int(c)], self.shots + self.queries,
+                                     replace=False) for c in classes], dtype=np.int64)
+        return classes, rotations, picks.reshape(k, self.shots + self.queries)  # k=0: [0, S+Q]
 
     def _cross_source_plan(self, rng: np.random.Generator) -> _TaskPlan:
         capacity = np.array([p.num_classes if w > 0 else 0 for p, w in zip(self.pools, self.weights)])
@@ -252,21 +256,14 @@ class TaskSampler:
         for _ in range(k):  # slot by slot, so a full pool's share goes to the others
             open_weights = np.where(slots < capacity, self.weights, 0.0)
             slots[rng.choice(len(self.pools), p=open_weights / open_weights.sum())] += 1
-        pool_of, classes, rotations, picks = [], [], [], []
-        for index, (pool, count) in enumerate(zip(self.pools, slots)):
-            virtual = rng.choice(pool.num_classes, int(count), replace=False)
-            for v in virtual:
-                c = pool.classes[v // pool.rotations]
-                pool_of.append(index)
-                classes.append(c)
-                rotations.append((v % pool.rotations) * (4 // pool.rotations))
-                picks.append(rng.choice(pool.data.class_indices[int(c)], self.shots + self.queries,
-                                        replace=False))
+        drawn = [self._draw_classes(pool, int(count), rng) for pool, count in zip(self.pools, slots)]
+        classes, rotations, picks = (np.concatenate(parts) for parts in zip(*drawn))
+        pool_of = np.repeat(np.arange(len(self.pools)), slots)
         order = rng.permutation(len(classes))  # label order: pools interleaved, not in blocks
-        picks = np.stack(picks)[order]
-        return _TaskPlan(CROSS_SOURCE, np.asarray(classes)[order], np.asarray(rotations)[order],
+        picks = picks[order]
+        return _TaskPlan(CROSS_SOURCE, classes[order], rotations[order],
                          picks[:, :self.shots].ravel(), picks[:, self.shots:].ravel(),
-                         class_pools=np.asarray(pool_of)[order])
+                         class_pools=pool_of[order])
 
     def _task_name(self, plan: _TaskPlan) -> str:
         if plan.pool != CROSS_SOURCE:
