@@ -83,21 +83,27 @@ def predict_sample_frontier(config, evaluator: TaskEvaluator, hyper_params, size
     the predict sample is redrawn) and is scored on all of them, timed like the main row, and
     compared with the *same* from-scratch curve (the support does not depend on the sample).
     Meta-val accuracy at each size is reported beside it, so an operating point can be chosen
-    without the unseen tasks. Must run after the training baselines, in the same process.
+    without the unseen tasks, and so is the random backbone read out from the same sample (the
+    main row's draws), since a larger sample also lifts a random backbone's solved classifier.
+    Must run after the training baselines, in the same process.
     """
     rows = []
     for size in sizes:
         sized = copy.deepcopy(config)
         with sized.unlocked():
             sized.data.predict_shots = int(size)
-        accs, seconds = [], []
-        for task in make_test_tasks(sized):
+        accs, seconds, random_solved = [], [], []
+        for i, task in enumerate(make_test_tasks(sized)):
             variables, median, _ = time_predict(evaluator, hyper_params, task, predict_repeats)
             accs.append(accuracy(config.model.target, variables, task.test_images, task.test_labels))
             seconds.append(median)
+            random_solved.append(baselines.random_backbone_accuracy(sized, task,
+                                                                    config.seed + 12345 + i))
         meta_val = evaluator.evaluate(hyper_params, baselines.lr_tuning_tasks(sized, num_val_tasks))
         base_acc, base_s = float(np.mean(accs[:n_base])), float(np.mean(seconds[:n_base]))
         rows.append({"predict_shots": int(size), "predicted": mean_and_ci95(accs),
+                     "random_init_solved": (None if None in random_solved
+                                            else mean_and_ci95(random_solved)),
                      "meta_val_predicted": meta_val["predicted"]["mean"],
                      "predict_seconds_median": float(np.median(seconds)),
                      "baseline_tasks_predicted": base_acc,
@@ -356,11 +362,15 @@ def _frontier_lines(r: dict) -> list[str]:
     lines = ["**Predict sample size** (images per class given to predict; the same tasks and the "
              "same from-scratch curve, timed after the baselines; meta-val for choosing a size "
              "without the unseen tasks):", "",
-             f"| images per class | meta-val % | unseen % (all tasks) | predict s (median) | "
-             f"speedup ({nb} baseline tasks) |", "| --- | --- | --- | --- | --- |"]
+             f"| images per class | meta-val % | unseen % (all tasks) | random init read out "
+             f"alike % | predict s (median) | speedup ({nb} baseline tasks) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in r["predict_sample_frontier"]:
+        solved = row.get("random_init_solved")
         lines.append(f"| {row['predict_shots']} | {100 * row['meta_val_predicted']:.2f} | "
-                     f"{format_mean_ci(row['predicted'])} | {row['predict_seconds_median']:.4f} | "
+                     f"{format_mean_ci(row['predicted'])} | "
+                     f"{format_mean_ci(solved) if solved else '-'} | "
+                     f"{row['predict_seconds_median']:.4f} | "
                      f"{row['speedup']['text']} (to {100 * row['baseline_tasks_predicted']:.2f}%) |")
     return lines + [""]
 

@@ -224,6 +224,9 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     assert same["baseline_tasks_predicted"] == pytest.approx(saved["baseline_tasks"]["predicted"]["mean"])
     assert small["predicted"]["n"] == 2 and 0.0 <= small["meta_val_predicted"] <= 1.0
     assert small["speedup"]["text"].endswith("x") and small["predict_seconds_median"] > 0
+    # The frontier's random backbone at the configured size is the main row's, draw for draw.
+    assert same["random_init_solved"]["mean"] == pytest.approx(saved["random_init_solved"]["mean"])
+    assert small["random_init_solved"]["n"] == 2
     assert "| 5 |" in md and "Predict sample size" in md
 
 
