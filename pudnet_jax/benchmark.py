@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from pudnet_jax import baselines, checkpoints, data
-from pudnet_jax.evaluate import TaskEvaluator, accuracy, format_mean_ci, init_target, mean_and_ci95
+from pudnet_jax.evaluate import (TaskEvaluator, accuracy, format_mean_ci, init_target,
+                                 mean_and_ci95, random_init_seed)
 from pudnet_jax.train import machine_description, make_test_tasks
 
 
@@ -98,7 +99,7 @@ def predict_sample_frontier(config, evaluator: TaskEvaluator, hyper_params, size
             accs.append(accuracy(config.model.target, variables, task.test_images, task.test_labels))
             seconds.append(median)
             random_solved.append(baselines.random_backbone_accuracy(sized, task,
-                                                                    config.seed + 12345 + i))
+                                                                    random_init_seed(config, i)))
         meta_val = evaluator.evaluate(hyper_params, baselines.lr_tuning_tasks(sized, num_val_tasks))
         base_acc, base_s = float(np.mean(accs[:n_base])), float(np.mean(seconds[:n_base]))
         rows.append({"predict_shots": int(size), "predicted": mean_and_ci95(accs),
@@ -153,15 +154,15 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     for i, task in enumerate(tasks):
         variables, seconds, first = time_predict(evaluator, hyper_params, task, predict_repeats)
         test_x, test_y = task.test_images, task.test_labels
-        # Random init: seed + 12345 + i, the same draws as train.final_evaluation's.
+        # The same draws as train.final_evaluation's random init (evaluate.random_init_seed).
         random_vars = init_target(target_name, task.num_classes, test_x.shape[1:],
-                                  config.seed + 12345 + i)
+                                  random_init_seed(config, i))
         per_task.append({
             "name": task.name, "predicted": accuracy(target_name, variables, test_x, test_y),
             "random_init": accuracy(target_name, random_vars, test_x, test_y),
             # The same draw read out like a prediction: the zero-shot bar for the backbone.
             "random_init_solved": baselines.random_backbone_accuracy(config, task,
-                                                                     config.seed + 12345 + i),
+                                                                     random_init_seed(config, i)),
             "nearest_prototype": baselines.nearest_prototype_accuracy(config, hyper_params, task),
             "predict_seconds": seconds, "predict_first_call_seconds": first})
 

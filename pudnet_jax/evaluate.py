@@ -38,6 +38,15 @@ def _jitted_init(target_name: str, num_classes: int, image_shape: tuple[int, ...
                                            train=False))
 
 
+def random_init_seed(config, task_index: int = 0) -> int:
+    """Seed of the random-init draw for evaluation task ``task_index``.
+
+    Meta-training's final evaluation and every benchmark row that reads a random backbone use
+    it, so their random-init numbers are the same draws, task by task.
+    """
+    return int(config.seed) + 12345 + int(task_index)
+
+
 def init_target(target_name: str, num_classes: int, image_shape, seed: int):
     """The target's default Flax initialisation: the random-init and from-scratch baselines.
 
@@ -113,8 +122,9 @@ class TaskEvaluator:
         variables = jax.block_until_ready(predict(hyper_params, batch))
         return variables, time.perf_counter() - start
 
-    def evaluate(self, hyper_params, tasks, random_init_seed: int | None = None) -> dict:
-        """Per-task accuracy of predicted variables (and of random init if a seed is given)."""
+    def evaluate(self, hyper_params, tasks, with_random_init: bool = False) -> dict:
+        """Per-task accuracy of predicted variables (and of random init, ``random_init_seed``'s
+        draw for each task, if ``with_random_init``)."""
         target_name = self.config.model.target
         predicted, random_init, seconds = [], [], []
         for i, task in enumerate(tasks):
@@ -122,9 +132,9 @@ class TaskEvaluator:
             seconds.append(elapsed)
             test_x, test_y = task.test_images, task.test_labels
             predicted.append(accuracy(target_name, variables, test_x, test_y))
-            if random_init_seed is not None:
+            if with_random_init:
                 init = init_target(target_name, task.num_classes, test_x.shape[1:],
-                                   random_init_seed + i)
+                                   random_init_seed(self.config, i))
                 random_init.append(accuracy(target_name, init, test_x, test_y))
         result = {"predicted": mean_and_ci95(predicted), "per_task_predicted": predicted,
                   "predict_seconds_median": float(np.median(seconds))}

@@ -379,7 +379,7 @@ def final_evaluation(config, workdir, last_params, evaluator, ckpt) -> dict:
     if ckpt.best.latest_step() is not None:
         params, info = checkpoints.restore_hyper_params(workdir, config)
     tasks = make_test_tasks(config)
-    result = evaluator.evaluate(params, tasks, random_init_seed=config.seed + 12345)
+    result = evaluator.evaluate(params, tasks, with_random_init=True)
     results = {
         "setting": config.data.setting,
         "dataset": config.data.dataset if config.data.setting == "intra" else config.data.held_out,
