@@ -63,6 +63,7 @@ def bench_target(target: str, args) -> dict:
     k, n = args.num_classes, args.num_images
     config = base_config()
     config.model.target, config.model.num_classes = target, k
+    config.hyper.encoder_downsample = args.encoder_downsample
     rng = np.random.default_rng(args.seed)
     batch = {"image": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
              "label": (np.arange(n) % k).astype(np.int32), "mask": np.ones(n, bool)}
@@ -78,7 +79,7 @@ def bench_target(target: str, args) -> dict:
 
     # Where predict's time goes.
     h = build_hypernet(config, k)
-    encoder = SetEncoder(tuple(h.encoder_widths), h.feature_dim, h.sketch_dim)
+    encoder = SetEncoder(tuple(h.encoder_widths), h.feature_dim, h.sketch_dim, h.encoder_downsample)
     enc = jax.jit(lambda p, x, y, m: encoder.apply(p, x, y, m, k))
     enc_params = {"params": hyper_params["params"]["encoder"]}
     args_enc = (enc_params, batch["image"], batch["label"], batch["mask"])
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder_downsample", type=int, default=1,
+                        help="hyper.encoder_downsample: the set encoder reads images pooled by it")
     args = parser.parse_args()
     t0 = time.perf_counter()
     m = machine_description()

@@ -11,12 +11,19 @@ and reports each one's accuracy and its paired difference to the first.
   python launch/compare_predictors.py --checkpoints=OLD,NEW --num_val_tasks=30 \
       --output=results/compare_predictors/intra_gtsrb_resnet8
 
+``--encoder_downsample=1,2`` scores each predictor at each of these ``hyper.encoder_downsample``
+factors (same parameters; the set encoder reads images pooled by the factor), and
+``--predict_shots`` overrides the predict sample (images per class), so a cheaper operating point
+of one predictor is chosen on meta-val too. Each row reports the median predict time beside the
+accuracy.
+
 Writes ``compare.json`` and ``compare.md`` (machine, seed, wall time included).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,12 +38,25 @@ from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
 from pudnet_jax.train import machine_description
 
 
-def compare(paths: list[str], num_val_tasks: int) -> dict:
-    """Per-task meta-val accuracy of each predictor in ``paths`` on the first one's meta-val tasks."""
-    if len(paths) < 2:
-        raise ValueError(f"need at least two predictors to compare, got {paths}")
+def _variant(config, predict_shots: int | None, encoder_downsample: int | None):
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        if predict_shots is not None:
+            config.data.predict_shots = int(predict_shots)
+        if encoder_downsample is not None:
+            config.hyper.encoder_downsample = int(encoder_downsample)
+    return config
+
+
+def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = None,
+            encoder_downsample: list[int] | None = None) -> dict:
+    """Per-task meta-val accuracy of each predictor in ``paths`` (at each encoder factor in
+    ``encoder_downsample``, if given) on the first one's meta-val tasks."""
+    factors = list(encoder_downsample or [None])
+    if len(paths) * len(factors) < 2:
+        raise ValueError(f"need at least two predictors (or factors) to compare, got {paths} x {factors}")
     start = time.perf_counter()
-    configs = [checkpoints.read_config(path) for path in paths]
+    configs = [_variant(checkpoints.read_config(path), predict_shots, None) for path in paths]
     reference = configs[0]
     # Checked before any evaluation: a mismatch should not surface minutes into the run.
     for path, config in zip(paths[1:], configs[1:]):
@@ -48,9 +68,14 @@ def compare(paths: list[str], num_val_tasks: int) -> dict:
     rows = []
     for path, config in zip(paths, configs):
         params, info = checkpoints.restore_hyper_params(path, config)
-        result = TaskEvaluator(config).evaluate(params, tasks)
-        rows.append({"checkpoint": path, "info_step": info.get("step"),
-                     "per_task": result["per_task_predicted"], "predicted": result["predicted"]})
+        for factor in factors:
+            variant = _variant(config, None, factor)
+            result = TaskEvaluator(variant).evaluate(params, tasks)
+            name = path if factor is None else f"{path} @ encoder_downsample={factor}"
+            rows.append({"checkpoint": name, "info_step": info.get("step"),
+                         "encoder_downsample": int(variant.hyper.encoder_downsample),
+                         "per_task": result["per_task_predicted"], "predicted": result["predicted"],
+                         "predict_seconds_median": result["predict_seconds_median"]})
     base = np.array(rows[0]["per_task"])
     for row in rows:
         row["minus_first"] = mean_and_ci95(list(np.array(row["per_task"]) - base))
@@ -66,10 +91,13 @@ def markdown(result: dict) -> str:
              f"- Machine: {m['cpu']} ({m['cpu_count']} CPUs), JAX {m['jax_version']} "
              f"backend `{m['jax_backend']}`; wall time {result['wall_seconds']:.1f} s; "
              f"task seed data.eval_task_seed + 1 = {result['eval_task_seed'] + 1}", "",
-             "| predictor | meta-val accuracy % | minus the first (paired) |", "| --- | --- | --- |"]
+             "| predictor | meta-val accuracy % | minus the first (paired) | predict s (median) |",
+             "| --- | --- | --- | --- |"]
     for row in result["rows"]:
+        seconds = row.get("predict_seconds_median")
         lines.append(f"| `{row['checkpoint']}` | {format_mean_ci(row['predicted'])} | "
-                     f"{format_mean_ci(row['minus_first'])} |")
+                     f"{format_mean_ci(row['minus_first'])} | "
+                     f"{'-' if seconds is None else f'{seconds:.4f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -78,8 +106,14 @@ def main() -> None:
     parser.add_argument("--checkpoints", required=True, help="comma-separated exports or workdirs")
     parser.add_argument("--num_val_tasks", type=int, default=30)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--predict_shots", type=int, default=None,
+                        help="images per class given to predict (default: the first config's)")
+    parser.add_argument("--encoder_downsample", default=None,
+                        help="comma-separated hyper.encoder_downsample factors to score each predictor at")
     args = parser.parse_args()
-    result = compare(args.checkpoints.split(","), args.num_val_tasks)
+    factors = ([int(f) for f in args.encoder_downsample.split(",")]
+               if args.encoder_downsample else None)
+    result = compare(args.checkpoints.split(","), args.num_val_tasks, args.predict_shots, factors)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "compare.json"), "w") as f:
         json.dump(result, f, indent=1)

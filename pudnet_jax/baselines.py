@@ -234,8 +234,9 @@ def lr_tuning_tasks(config, num_tasks: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _encoder_fn(widths: tuple[int, ...], feature_dim: int, sketch_dim: int, num_classes: int):
-    encoder = SetEncoder(widths, feature_dim, sketch_dim)
+def _encoder_fn(widths: tuple[int, ...], feature_dim: int, sketch_dim: int, downsample: int,
+                num_classes: int):
+    encoder = SetEncoder(widths, feature_dim, sketch_dim, downsample)
     return jax.jit(lambda p, x, y, m: encoder.apply(p, x, y, m, num_classes))
 
 
@@ -249,7 +250,8 @@ def nearest_prototype_accuracy(config, hyper_params, task, chunk: int = 500) -> 
     """
     k = task.num_classes
     hypernet = build_hypernet(config, k)
-    fn = _encoder_fn(tuple(hypernet.encoder_widths), hypernet.feature_dim, hypernet.sketch_dim, k)
+    fn = _encoder_fn(tuple(hypernet.encoder_widths), hypernet.feature_dim, hypernet.sketch_dim,
+                     hypernet.encoder_downsample, k)
     params = {"params": hyper_params["params"]["encoder"]}
     batch = task.dataset_batch()
     _, prototypes, counts, _ = fn(params, batch["image"], batch["label"], batch["mask"])

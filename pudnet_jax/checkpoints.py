@@ -44,9 +44,12 @@ def upgrade_legacy_config(saved: dict) -> dict:
 
     - ``hyper.prototype_classifier`` (bool, before ``hyper.classifier`` existed): True is
       ``classifier='prototype'``, False the ablation ``classifier='generated'``.
+    - ``hyper.encoder_downsample`` (added in session 11): absent means 1 (full resolution).
     """
     saved = json.loads(json.dumps(saved))
     hyper = saved.get("hyper", {})
+    if hyper:
+        hyper.setdefault("encoder_downsample", 1)
     if "prototype_classifier" in hyper and "classifier" not in hyper:
         hyper["classifier"] = "prototype" if hyper.pop("prototype_classifier") else "generated"
         hyper.setdefault("ridge_lambda", DEFAULT_RIDGE_LAMBDA)

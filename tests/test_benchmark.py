@@ -312,6 +312,15 @@ def test_compare_predictors_is_paired_on_meta_val_tasks(hyper, tmp_path):
     assert a["minus_first"]["mean"] == 0.0
     assert b["minus_first"]["mean"] == pytest.approx(np.mean(b["per_task"]) - np.mean(a["per_task"]))
     assert "minus the first" in markdown(r)
+    # One predictor at two encoder factors: two rows on the same tasks; factor 1 is the export.
+    factors = compare([first], num_val_tasks=2, encoder_downsample=[1, 2])
+    one, two = factors["rows"]
+    assert (one["encoder_downsample"], two["encoder_downsample"]) == (1, 2)
+    assert two["checkpoint"].endswith("@ encoder_downsample=2") and two["predict_seconds_median"] > 0
+    assert one["per_task"] == a["per_task"]
+    assert "predict s (median)" in markdown(factors)
+    with pytest.raises(ValueError, match="at least two"):
+        compare([first], num_val_tasks=2)
     gtsrb = c.copy_and_resolve_references()
     gtsrb.data.dataset = "gtsrb"
     checkpoints.export_predictor(hyper_params, gtsrb, str(tmp_path / "g"), {})

@@ -137,3 +137,54 @@ def test_ablations_build_and_predict(tiny_config):
         params = init_hyper_params(config, jax.random.key(0))
         variables = jax.jit(make_predict_fn(config))(params, _batch(10, 5))
         assert np.isfinite(np.asarray(variables["params"]["Dense_0"]["kernel"])).all()
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_small_map_conv_is_the_convolution(size):
+    """The matmul form used for 3x3 'SAME' convs on maps of 2x2 or less equals lax's conv; any
+    other case is delegated to lax unchanged (bitwise)."""
+    from pudnet_jax.hypernet.encoder import _conv_small_maps_as_matmul
+
+    rng = np.random.default_rng(size)
+    x = jnp.asarray(rng.normal(size=(4, size, size, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
+    dims = ("NHWC", "HWIO", "NHWC")
+    reference = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims,
+                                             precision=jax.lax.Precision.HIGHEST)
+    ours = _conv_small_maps_as_matmul(x, kernel, (1, 1), "SAME", dimension_numbers=dims,
+                                      precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    big = jnp.asarray(rng.normal(size=(2, 5, 5, 6)), jnp.float32)
+    for strides in [(1, 1), (2, 2)]:  # 5x5 maps, or strided: lax's own conv
+        np.testing.assert_array_equal(
+            _conv_small_maps_as_matmul(big, kernel, strides, "SAME", dimension_numbers=dims),
+            jax.lax.conv_general_dilated(big, kernel, strides, "SAME", dimension_numbers=dims))
+
+
+def test_encoder_downsample_reads_pooled_images_with_the_same_parameters(tiny_config):
+    """hyper.encoder_downsample=2: the parameter tree is unchanged (a full-resolution predictor
+    runs at 2 as is), and the encoder's outputs are exactly those of the full-resolution encoder
+    on 2x2-average-pooled images; a factor that does not divide the image size is refused."""
+    from pudnet_jax.hypernet.encoder import SetEncoder
+
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.encoder_downsample = 2
+    params = init_hyper_params(tiny_config, jax.random.key(0))
+    chex.assert_trees_all_equal_shapes(init_hyper_params(config, jax.random.key(0)), params)
+    batch = _batch(20, 5)
+    full = jax.jit(make_predict_fn(tiny_config))(params, batch)
+    pooled = jax.jit(make_predict_fn(config))(params, batch)
+    chex.assert_trees_all_equal_shapes(pooled, full)
+    assert not np.allclose(pooled["params"]["conv_init"]["kernel"], full["params"]["conv_init"]["kernel"])
+
+    widths, dims = tuple(config.hyper.encoder_widths), (config.hyper.feature_dim, config.hyper.sketch_dim)
+    enc_params = {"params": params["params"]["encoder"]}
+    images = jnp.asarray(batch["image"])
+    small = images.reshape(20, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+    args = (batch["label"], batch["mask"], 5)
+    chex.assert_trees_all_close(SetEncoder(widths, *dims, downsample=2).apply(enc_params, images, *args),
+                                SetEncoder(widths, *dims, downsample=1).apply(enc_params, small, *args),
+                                rtol=1e-5, atol=1e-5)
+    config.hyper.encoder_downsample = 3
+    with pytest.raises(ValueError, match="encoder_downsample"):
+        make_predict_fn(config)(params, batch)

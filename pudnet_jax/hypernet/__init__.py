@@ -21,6 +21,7 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         encoder_widths=tuple(hyper.encoder_widths),
         feature_dim=hyper.feature_dim,
         sketch_dim=hyper.sketch_dim,
+        encoder_downsample=int(hyper.get("encoder_downsample", 1)),
         hidden_dim=hyper.hidden_dim,
         code_rank=hyper.code_rank,
         max_channels=hyper.max_channels,

@@ -59,6 +59,8 @@ class PudNet(nn.Module):
       num_classes: classes of the target's head (the largest label + 1 the predictor accepts).
       image_shape: ``(H, W, C)`` of the target's input.
       encoder_widths, feature_dim, sketch_dim: set-encoder sizes.
+      encoder_downsample: the set encoder reads images average-pooled by this factor (the
+        BatchNorm pass and the classifier still see them at full resolution).
       hidden_dim: width of the recurrent cell.
       code_rank, max_channels: parameter-head sizes (see ``ParameterHead``).
       recurrent: ablation switch; False embeds each layer independently.
@@ -77,6 +79,7 @@ class PudNet(nn.Module):
     encoder_widths: Sequence[int] = (32, 64, 128, 128)
     feature_dim: int = 128
     sketch_dim: int = 128
+    encoder_downsample: int = 1
     hidden_dim: int = 256
     code_rank: int = 32
     max_channels: int = 512
@@ -92,8 +95,8 @@ class PudNet(nn.Module):
         image_shape = tuple(self.image_shape)
         specs = target_specs(self.target_name, self.num_classes, image_shape)
         _, prototypes, _, sketch = SetEncoder(
-            self.encoder_widths, self.feature_dim, self.sketch_dim, name="encoder"
-        )(images, labels, mask, self.num_classes)
+            self.encoder_widths, self.feature_dim, self.sketch_dim, self.encoder_downsample,
+            name="encoder")(images, labels, mask, self.num_classes)
 
         layer_model = LayerRecurrence if self.recurrent else IndependentLayers
         embeddings = layer_model(self.hidden_dim, self.sketch_conditioning, name="layers")(
