@@ -188,12 +188,15 @@ def test_warm_start_from_a_checkpoint_then_resume_wins(tiny_config, tmp_path):
 
 
 def test_warm_start_from_another_architecture_is_refused(tiny_config, tmp_path):
-    from pudnet_jax.checkpoints import ArchitectureMismatchError, RunCheckpoints
+    from pudnet_jax.checkpoints import ArchitectureMismatchError, RunCheckpoints, export_predictor
+    from pudnet_jax.predict import init_hyper_params
     from pudnet_jax.train import initial_train_state
 
     config = _small_run_config(tiny_config, num_steps=2)
-    config.train.eval_every = 0
-    train_and_evaluate(config, str(tmp_path / "source"), stop_after=1)
+    # The source is an export (what init_from usually names; restore_hyper_params reads exports
+    # and workdirs alike): no training run needed to have one.
+    export_predictor(init_hyper_params(config, jax.random.key(0)), config, str(tmp_path / "source"),
+                     {"step": 0, "source": "init"})
     config.hyper.hidden_dim = 48
     config.train.init_from = str(tmp_path / "source")
     with pytest.raises(ArchitectureMismatchError):
