@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 500
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
+    # Auxiliary supervised loss over the pooled source classes (pudnet_jax/source_head.py): a
+    # linear head shared by all tasks reads the predicted backbone's query features. 0 = off.
+    c.train.source_loss_weight = 0.0
+    c.train.source_head_learning_rate = 1e-3
+    c.train.num_source_classes = 0  # filled in by the run from its pools; leave 0
     c.train.task_loop = "unroll"  # unroll (fast on CPU) | vmap (grouped convs; try on GPU/TPU)
     c.train.tensorboard = False
     c.train.progress_bar = True

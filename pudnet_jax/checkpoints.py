@@ -45,11 +45,18 @@ def upgrade_legacy_config(saved: dict) -> dict:
     - ``hyper.prototype_classifier`` (bool, before ``hyper.classifier`` existed): True is
       ``classifier='prototype'``, False the ablation ``classifier='generated'``.
     - ``hyper.encoder_downsample`` (added in session 11): absent means 1 (full resolution).
+    - ``train.source_loss_weight`` / ``source_head_learning_rate`` / ``num_source_classes``
+      (session 12): absent means no source head.
     """
     saved = json.loads(json.dumps(saved))
     hyper = saved.get("hyper", {})
     if hyper:
         hyper.setdefault("encoder_downsample", 1)
+    train = saved.get("train", {})
+    if train:
+        train.setdefault("source_loss_weight", 0.0)
+        train.setdefault("source_head_learning_rate", 1e-3)
+        train.setdefault("num_source_classes", 0)
     if "prototype_classifier" in hyper and "classifier" not in hyper:
         hyper["classifier"] = "prototype" if hyper.pop("prototype_classifier") else "generated"
         hyper.setdefault("ridge_lambda", DEFAULT_RIDGE_LAMBDA)
@@ -111,6 +118,39 @@ def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.C
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def _stored_tree(state_dir: str) -> dict:
+    """The tree structure (as nested dicts of array metadata) of a saved state, read from disk."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return dict(checkpointer.metadata(state_dir).item_metadata.tree)
+
+
+def _restore_state(manager: ocp.CheckpointManager, where: str, step: int,
+                   abstract_state: Any) -> tuple[Any, dict]:
+    """The train state and metadata of ``step``, in ``abstract_state``'s structure and shardings.
+
+    States written before ``TrainState.source_head`` existed (session 12) restore with no source
+    head. A run that adds or drops the source head in a workdir whose checkpoints have the other
+    form is refused with a ``ValueError`` saying so.
+    """
+    stored = _stored_tree(os.path.join(os.fspath(manager.directory), str(step), "state"))
+    head_stored = stored.get("source_head") is not None
+    head_wanted = getattr(abstract_state, "source_head", None) is not None
+    if head_stored != head_wanted:
+        raise ValueError(
+            f"The checkpoint at step {step} in {where!r} was written "
+            f"{'with' if head_stored else 'without'} a source head, but the config asks "
+            f"{'for one' if head_wanted else 'for none'} (train.source_loss_weight). Resume with "
+            "the workdir's own setting, or start a new workdir warm-started from this one "
+            "(train.init_from).")
+    legacy = "source_head" not in stored
+    # A legacy state restores field by field as a dict (its metadata tree is one).
+    target = {k: getattr(abstract_state, k) for k in stored} if legacy else abstract_state
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    state = abstract_state.replace(**restored.state) if legacy else restored.state
+    return state, dict(restored.meta)
+
+
 class RunCheckpoints:
     """Latest train states (for resume) and the best hypernetwork params (for evaluation)."""
 
@@ -130,10 +170,7 @@ class RunCheckpoints:
 
     def restore(self, abstract_state: Any) -> tuple[Any, dict]:
         """Restores the latest state into ``abstract_state``'s structure and shardings."""
-        step = self.latest.latest_step()
-        restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored.state, dict(restored.meta)
+        return _restore_state(self.latest, self.workdir, self.latest.latest_step(), abstract_state)
 
     def save_best(self, step: int, hyper_params: Any, meta: dict) -> None:
         self.best.save(step, args=ocp.args.Composite(
@@ -186,11 +223,16 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
                     return restored.params, {"step": step, "source": "best", **dict(restored.meta)}
                 from pudnet_jax.train import create_train_state
 
+                # The train state's shape beyond the params (the source head) is the run's own:
+                # build it from the workdir's config.json when there is one.
+                state_config = config
+                if os.path.exists(os.path.join(directory, "config.json")):
+                    state_config = config.copy_and_resolve_references()
+                    state_config.train = read_config(directory).train
                 abstract_state = _strict_abstract(
-                    jax.eval_shape(lambda: create_train_state(config, jax.random.key(0))))
-                restored = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return restored.state.params, {"step": step, "source": "latest"}
+                    jax.eval_shape(lambda: create_train_state(state_config, jax.random.key(0))))
+                state, _ = _restore_state(manager, path, step, abstract_state)
+                return state.params, {"step": step, "source": "latest"}
     except (ValueError, KeyError) as e:
         if isinstance(e, ArchitectureMismatchError):
             raise

@@ -12,6 +12,7 @@ uninterrupted run saw and ends with bitwise-identical parameters.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -26,10 +27,11 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from pudnet_jax import checkpoints, data, distributed, parallel
+from pudnet_jax import checkpoints, data, distributed, parallel, source_head
 from pudnet_jax.evaluate import TaskEvaluator
 from pudnet_jax.metrics import MetricsWriter, plot_curves
 from pudnet_jax.models import get_target
+from pudnet_jax.hypernet import target_specs
 from pudnet_jax.predict import init_hyper_params, make_predict_fn
 
 
@@ -38,6 +40,10 @@ class TrainState:
     step: jax.Array
     params: Any  # hypernetwork variables {'params': ...}
     opt_state: Any
+    # The auxiliary source-class head and its Adam state (``pudnet_jax.source_head``); None when
+    # train.source_loss_weight is 0. Meta-training only: never exported.
+    source_head: Any = None
+    source_head_opt_state: Any = None
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -57,12 +63,22 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def create_train_state(config, rng) -> TrainState:
     params = init_hyper_params(config, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=make_optimizer(config).init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=make_optimizer(config).init(params))
+    if source_head.enabled(config):
+        # fold_in: the hypernetwork's init stays what it is without the head.
+        head = source_head.init_source_head(config, jax.random.fold_in(rng, 1))
+        state = state.replace(source_head=head, source_head_opt_state=
+                              source_head.make_source_head_optimizer(config).init(head))
+    return state
 
 
 def make_loss_fn(config):
-    """``loss(hyper_params, batch) -> (loss, metrics)`` averaged over the batch's tasks.
+    """``loss(hyper_params, batch, head=None) -> (loss, metrics)`` averaged over the batch's tasks.
+
+    With a source ``head`` (``pudnet_jax.source_head``; the batch's query sets then carry
+    'source_label'), each task's loss adds ``train.source_loss_weight`` times the head's
+    cross-entropy on the predicted backbone's query features.
 
     Tasks are looped over in Python (unrolled), not vmapped: under ``vmap`` every task's convs
     get their own predicted kernels, which XLA lowers to grouped convolutions, 20x slower on CPU
@@ -71,53 +87,83 @@ def make_loss_fn(config):
     """
     predict = make_predict_fn(config)
     target = get_target(config.model.target, config.model.num_classes)
+    image_shape = (config.model.image_size, config.model.image_size, config.model.channels)
+    dense_path = next(s.path[:-1] for s in target_specs(
+        config.model.target, config.model.num_classes, image_shape) if s.kind == "dense_kernel")
+    source_weight = float(config.train.source_loss_weight)
 
-    def task_loss(hyper_params, task):
+    def task_loss(hyper_params, task, head):
         variables = predict(hyper_params, task["support"])
         query = task["query"]
-        logits = target.apply(variables, query["image"], train=False)
         mask = query["mask"].astype(jnp.float32)
+        if head is None:
+            logits = target.apply(variables, query["image"], train=False)
+        else:  # the features once, for the task's classifier and the source head
+            features = target.apply(variables, query["image"], train=False, features_only=True)
+            dense = functools.reduce(lambda tree, key: tree[key], dense_path, variables["params"])
+            logits = features @ dense["kernel"] + dense["bias"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, query["label"])
         correct = (jnp.argmax(logits, -1) == query["label"]).astype(jnp.float32)
         n = jnp.maximum(mask.sum(), 1.0)
-        return (ce * mask).sum() / n, (correct * mask).sum() / n
+        loss, accuracy = (ce * mask).sum() / n, (correct * mask).sum() / n
+        if head is None:
+            return loss, {"accuracy": accuracy}
+        source_loss, source_accuracy = source_head.source_head_loss(
+            head, features, query["source_label"], query["mask"])
+        return loss + source_weight * source_loss, {
+            "accuracy": accuracy, "task_loss": loss, "source_loss": source_loss,
+            "source_accuracy": source_accuracy}
 
-    def loss_fn(hyper_params, batch):
+    def loss_fn(hyper_params, batch, head=None):
+        if head is not None and "source_label" not in batch["query"]:
+            raise ValueError("a source head needs query sets with 'source_label' "
+                             "(TaskSampler(source_labels=True)).")
         if config.train.task_loop == "vmap":
-            losses, accuracies = jax.vmap(task_loss, in_axes=(None, 0))(hyper_params, batch)
+            losses, metrics = jax.vmap(task_loss, in_axes=(None, 0, None))(hyper_params, batch, head)
         else:
             num_tasks = jax.tree.leaves(batch)[0].shape[0]
-            results = [task_loss(hyper_params, jax.tree.map(lambda x: x[i], batch))
+            results = [task_loss(hyper_params, jax.tree.map(lambda x: x[i], batch), head)
                        for i in range(num_tasks)]
-            losses, accuracies = (jnp.stack(r) for r in zip(*results))
-        return losses.mean(), {"accuracy": accuracies.mean()}
+            losses = jnp.stack([r[0] for r in results])
+            metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *[r[1] for r in results])
+        return losses.mean(), jax.tree.map(jnp.mean, metrics)
 
     return loss_fn
 
 
 def make_grad_fn(config, mesh=None):
-    """``(hyper_params, batch) -> ((loss, metrics), grads)``, averaged over the batch's tasks.
+    """``(hyper_params, batch, head=None) -> ((loss, metrics), grads)``, averaged over the tasks.
+
+    ``grads`` has the structure of ``hyper_params``, or is ``(hyper_grads, head_grads)`` when a
+    source ``head`` is given (``make_loss_fn``).
 
     With a ``mesh``, it runs under ``jax.shard_map``: each device computes the loss on its own
     tasks and the gradients are averaged over the ``'data'`` axis (an all-reduce), so the result
     equals the single-device computation on the whole batch up to float summation order.
     """
     loss_fn = make_loss_fn(config)
-    if mesh is None:
-        return jax.value_and_grad(loss_fn, has_aux=True)
     axis = parallel.DATA_AXIS
 
-    def local_grads(params, batch):
+    def local_grads(trainable, batch):
         # The mean over devices goes *inside* the differentiated function: shard_map tracks that
         # params are replicated, so their gradient is summed over devices by the transpose of the
         # implicit broadcast; differentiating the global mean loss makes that sum the right one.
-        def global_loss(p):
-            loss, aux = loss_fn(p, batch)
+        def global_loss(t):
+            loss, aux = loss_fn(t[0], batch, t[1])
+            if mesh is None:
+                return loss, aux
             return jax.lax.pmean(loss, axis), jax.lax.pmean(aux, axis)
 
-        return jax.value_and_grad(global_loss, has_aux=True)(params)
+        return jax.value_and_grad(global_loss, has_aux=True)(trainable)
 
-    return jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+    if mesh is not None:
+        local_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+
+    def grad_fn(hyper_params, batch, head=None):
+        value, grads = local_grads((hyper_params, head), batch)
+        return value, (grads if head is not None else grads[0])
+
+    return grad_fn
 
 
 def make_train_step(config, mesh=None):
@@ -127,18 +173,29 @@ def make_train_step(config, mesh=None):
     then stops with the step number instead of writing NaN parameters.
     """
     optimizer = make_optimizer(config)
+    head_optimizer = source_head.make_source_head_optimizer(config)
     schedule = learning_rate_schedule(config)
     grad_fn = make_grad_fn(config, mesh)
 
     def train_step(state: TrainState, batch):
-        (loss, aux), grads = grad_fn(state.params, batch)
+        head = state.source_head
+        (loss, aux), grads = grad_fn(state.params, batch, head)
+        head_grads = None
+        if head is not None:
+            grads, head_grads = grads
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if head is not None:
+            head_updates, head_opt_state = head_optimizer.update(
+                head_grads, state.source_head_opt_state, head)
+            new_state = new_state.replace(source_head=optax.apply_updates(head, head_updates),
+                                          source_head_opt_state=head_opt_state)
+            finite = finite & jnp.isfinite(optax.tree.norm(head_grads))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": grad_norm,
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux,
                    "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}
         return new_state, metrics
 
@@ -180,7 +237,8 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
                      else (0, d.tasks_per_batch))
     return data.TaskSampler(pools, way=way, shots=d.shots, queries=d.queries, tasks_per_batch=tasks,
                             seed=config.seed * 1000, augment=d.augment, task_offset=offset,
-                            cross_source_prob=d.get("cross_source_prob", 0.0))
+                            cross_source_prob=d.get("cross_source_prob", 0.0),
+                            source_labels=source_head.enabled(config))
 
 
 class Validator:
@@ -297,6 +355,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       stopped early.
     """
     os.makedirs(workdir, exist_ok=True)
+    sampler = make_sampler(config)
+    if source_head.enabled(config):
+        _set_num_source_classes(config, sampler.num_source_classes)
     if jax.process_index() == 0:
         checkpoints.write_config(config, workdir)
     mesh = parallel.make_mesh()
@@ -309,7 +370,6 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     last = num_steps if stop_after is None else min(num_steps, stop_after)
 
     train_step = jit_train_step(config, mesh)
-    sampler = make_sampler(config)
     if jax.process_count() > 1 and start < last:
         # Compile before the first collective, then meet: processes compile at different speeds,
         # and Gloo gives up on a peer that is more than 30 s late to its first all-reduce.
@@ -371,6 +431,15 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     results = final_evaluation(config, workdir, state.params, evaluator, ckpt)
     ckpt.close()
     return results
+
+
+def _set_num_source_classes(config, count: int) -> None:
+    """Records the source head's size in the config (so the saved config.json rebuilds the state)."""
+    recorded = int(config.train.num_source_classes)
+    if recorded not in (0, count):
+        raise ValueError(f"config.train.num_source_classes is {recorded} but the meta-training pools "
+                         f"hold {count} classes; leave it 0 (filled in from the pools).")
+    config.train.num_source_classes = count
 
 
 def final_evaluation(config, workdir, last_params, evaluator, ckpt) -> dict:

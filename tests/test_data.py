@@ -473,3 +473,36 @@ def test_cross_source_prob_mixes_task_kinds_and_rejects_bad_values():
         data.TaskSampler(pools, 2, 1, 1, 1, 0, cross_source_prob=1.5)
     with pytest.raises(ValueError, match='at least two pools'):
         data.TaskSampler(pools[:1], 2, 1, 1, 1, 0, cross_source_prob=0.5)
+
+
+@pytest.mark.parametrize('cross_source_prob', [0.0, 0.5])
+def test_source_labels_name_one_pooled_class_whatever_the_task(cross_source_prob):
+    """'source_label': one id per (pool, class, rotation) over all pools, the same in every task;
+    asking for it leaves the task stream (images, task labels) exactly as it was."""
+    a, b = _fake_prepared(4, 6, name='fashion_mnist'), _fake_prepared(5, 6, name='gtsrb')
+    pools = [data.ClassPool(a, (0, 1, 2, 3), rotations=4), data.ClassPool(b, (1, 2, 3, 4))]
+    kwargs = dict(way=(2, 6), shots=2, queries=3, tasks_per_batch=4, seed=3,
+                  cross_source_prob=cross_source_prob)
+    plain = data.TaskSampler(pools, **kwargs)
+    labelled = data.TaskSampler(pools, **kwargs, source_labels=True)
+    assert labelled.num_source_classes == 16 + 4
+    assert 'source_label' not in plain.batch(0)['query']
+    id_of = {}
+    for step in range(12):
+        batch, info = labelled.batch(step, return_info=True)
+        reference = plain.batch(step)
+        for part in ('support', 'query'):
+            for key in ('image', 'label', 'mask'):
+                np.testing.assert_array_equal(batch[part][key], reference[part][key])
+        ids = batch['query']['source_label']
+        for t, task in enumerate(info):
+            names = task.get('class_datasets', (task['dataset'],) * len(task['classes']))
+            per_class = ids[t, :3 * len(task['classes'])].reshape(-1, 3)
+            assert (per_class == per_class[:, :1]).all()  # one id per class of the task
+            assert (ids[t, 3 * len(task['classes']):] == 0).all()  # padding rows
+            for key, sid in zip(zip(names, task['classes'], task['rotations']), per_class[:, 0]):
+                assert id_of.setdefault(key, int(sid)) == sid  # the same id in every task
+    assert len(set(id_of.values())) == len(id_of)  # distinct classes, distinct ids
+    assert set(id_of.values()) <= set(range(20))
+    gtsrb_ids = {sid for (name, _, _), sid in id_of.items() if name == 'gtsrb'}
+    assert gtsrb_ids and min(gtsrb_ids) >= 16  # pools in order: fashion_mnist 0..15, gtsrb 16..19

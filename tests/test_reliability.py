@@ -511,3 +511,35 @@ def test_resnet18_predict_on_5000_images_has_bounded_memory(tmp_path):
     temp = json.loads(proc.stdout.strip().splitlines()[-1])
     assert temp["None"] > 4.0  # plain: ~6.3 GiB of activations (peak RSS measured 8.5 GiB)
     assert temp["500"] < 1.0  # chunked: ~0.56 GiB
+
+
+def test_train_states_from_before_the_source_head_resume_and_a_changed_setting_is_refused(tmp_path):
+    """A checkpoint written before ``TrainState.source_head`` existed restores with no head;
+    resuming with the source loss switched on (or off) against the workdir's checkpoints is a
+    clear error, not an Orbax tree mismatch."""
+    arr = lambda *shape: np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    legacy = {"step": np.int32(7), "params": {"params": {"w": arr(2, 3)}}, "opt_state": {"mu": arr(3)}}
+    ckpt = checkpoints.RunCheckpoints(str(tmp_path / "old"))
+    ckpt.save(7, legacy, {"best_val_accuracy": 0.5})
+    ckpt.close()
+    abstract = jax.eval_shape(lambda: train.TrainState(
+        step=jax.numpy.int32(0), params={"params": {"w": arr(2, 3)}}, opt_state={"mu": arr(3)}))
+    ckpt = checkpoints.RunCheckpoints(str(tmp_path / "old"))
+    state, meta = ckpt.restore(checkpoints._strict_abstract(abstract))
+    assert isinstance(state, train.TrainState) and state.source_head is None
+    assert int(state.step) == 7 and meta["best_val_accuracy"] == 0.5
+    np.testing.assert_array_equal(state.params["params"]["w"], arr(2, 3))
+    with_head = abstract.replace(source_head={"kernel": jax.ShapeDtypeStruct((3, 4), np.float32)},
+                                 source_head_opt_state={})
+    with pytest.raises(ValueError, match="written without a source head"):
+        ckpt.restore(checkpoints._strict_abstract(with_head))
+    ckpt.close()
+
+    new = checkpoints.RunCheckpoints(str(tmp_path / "new"))
+    new.save(1, train.TrainState(step=np.int32(1), params=legacy["params"], opt_state=legacy["opt_state"],
+                                 source_head={"kernel": arr(3, 4)}, source_head_opt_state={}), {})
+    restored, _ = new.restore(checkpoints._strict_abstract(with_head))
+    np.testing.assert_array_equal(restored.source_head["kernel"], arr(3, 4))
+    with pytest.raises(ValueError, match="written with a source head"):
+        new.restore(checkpoints._strict_abstract(abstract))
+    new.close()

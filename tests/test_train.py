@@ -7,6 +7,7 @@ import os
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 
 from pudnet_jax import parallel
@@ -80,6 +81,40 @@ def test_sharded_step_on_4_devices_equals_1_device(tiny_config):
     assert max(jax.tree.leaves(leaf_gaps)) < 1e-3, leaf_gaps
 
 
+def test_source_loss_reaches_the_hypernetwork_and_trains_its_head(tiny_config):
+    """train.source_loss_weight > 0: the head's cross-entropy on the predicted backbone's query
+    features changes the hypernetwork's gradient (it flows through the predicted parameters),
+    the head gets a gradient of its own, and without a head the loss is the episodic one."""
+    config = _small_run_config(tiny_config)
+    config.data.tasks_per_batch = 1  # no mesh here: one task keeps the three compiles short
+    config.train.source_loss_weight = 1.0
+    sampler = make_sampler(config)
+    config.train.num_source_classes = sampler.num_source_classes
+    batch = jax.tree.map(np.asarray, sampler.batch(0))
+    assert batch["query"]["source_label"].max() < sampler.num_source_classes
+    state = create_train_state(config, jax.random.key(0))
+    grad_fn = jax.jit(make_grad_fn(config))
+    (loss, metrics), (hyper_grads, head_grads) = grad_fn(state.params, batch, state.source_head)
+    (plain_loss, plain_metrics), plain_grads = grad_fn(state.params, batch)
+    np.testing.assert_allclose(metrics["task_loss"], plain_loss, rtol=1e-5)
+    np.testing.assert_allclose(loss, plain_loss + metrics["source_loss"], rtol=1e-5)
+    assert metrics["source_loss"] > 0.5 * np.log(sampler.num_source_classes)  # untrained head
+    assert float(optax.tree.norm(head_grads)) > 0
+    gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper_grads, plain_grads))
+    assert float(gap) > 1e-3 * float(optax.tree.norm(plain_grads))
+    with pytest.raises(ValueError, match="source_label"):
+        unlabelled = {**batch, "query": {k: v for k, v in batch["query"].items() if k != "source_label"}}
+        grad_fn(state.params, unlabelled, state.source_head)
+    # Train steps lower the source loss on a repeated batch (the head and the features learn).
+    config.train.source_head_learning_rate = 1e-2
+    step = jax.jit(make_train_step(config))
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["source_loss"]))
+    assert losses[-1] < losses[0], losses
+
+
 def test_train_way_widens_meta_training_tasks_only(tiny_config):
     """data.train_way: 8-way meta-training tasks; meta-val and test tasks stay data.way."""
     from pudnet_jax.train import Validator, make_test_tasks
@@ -98,9 +133,13 @@ def test_train_way_widens_meta_training_tasks_only(tiny_config):
 
 
 def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
+    """Killed at step 2 and resumed: the same parameters bit for bit, the source head and every
+    optimiser state included (the run trains with the auxiliary source loss, so all of the
+    train state is exercised)."""
     config = _small_run_config(tiny_config, num_steps=4)
     config.train.eval_every = 0
     config.train.checkpoint_every = 1
+    config.train.source_loss_weight = 0.5
     uninterrupted = tmp_path / "a"
     train_and_evaluate(config, str(uninterrupted), stop_after=4)
     interrupted = tmp_path / "b"
@@ -115,6 +154,15 @@ def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     assert info_a["step"] == info_b["step"] == 4
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise
+    from pudnet_jax.checkpoints import RunCheckpoints, read_config
+    from pudnet_jax.train import initial_train_state
+
+    saved = read_config(str(uninterrupted))  # the run recorded its source head's size
+    assert saved.train.num_source_classes > 100  # Omniglot's meta-train characters
+    states = [jax.device_get(initial_train_state(saved, parallel.make_mesh(), RunCheckpoints(str(d)))[0])
+              for d in (uninterrupted, interrupted)]
+    assert states[0].source_head["kernel"].shape[-1] == saved.train.num_source_classes
+    chex.assert_trees_all_equal(states[0], states[1])
     log_a = [json.loads(l)["loss"] for l in open(uninterrupted / "metrics.jsonl")]
     log_b = [json.loads(l)["loss"] for l in open(interrupted / "metrics.jsonl")]
     assert log_a == log_b  # the resumed log has no duplicated or missing steps

@@ -9,6 +9,11 @@ with Ns = max_way * shots and Nq = max_way * queries fixed, so one compiled step
 of any way K <= max_way. Labels are 0..K-1 in a random class order per task; rows are
 class-major (the S support rows of class 0, then class 1, ...); padding rows have mask False,
 label 0 and zero images. A batch of T tasks stacks every array on a leading task axis [T, ...].
+
+With `TaskSampler(source_labels=True)` the query set also has 'source_label': i32[Nq], each
+image's class as one id over all the sampler's pools together (pool offset + the class's index in
+its pool, rotated copies counted as classes): the labels of the auxiliary supervised loss over
+the pooled source classes (`pudnet_jax.source_head`). Ids do not depend on the task.
 """
 
 from __future__ import annotations
@@ -141,6 +146,7 @@ class _TaskPlan:
     support: np.ndarray  # [K*S] indices into the pool's dataset, class-major
     query: np.ndarray  # [K*Q]
     class_pools: np.ndarray | None = None  # [K] pool of each class (cross-source tasks only)
+    virtual: np.ndarray | None = None  # [K] each class's index among its pool's (rotated) classes
 
 
 CROSS_SOURCE = -1  # _TaskPlan.pool of a task whose classes come from several pools
@@ -164,12 +170,15 @@ class TaskSampler:
     character and a garment in one task asks for features that are not specific to one source,
     which is what a held-out dataset needs; within-source tasks cap the way at the smallest
     pool's class count. p=0 leaves the task stream exactly as before (no extra draw).
+
+    `source_labels=True` adds the query set's 'source_label' (module docstring); the task stream
+    is unchanged (the ids come from draws the sampler makes anyway).
     """
 
     def __init__(self, pools: Sequence[ClassPool], way: int | tuple[int, int], shots: int,
                  queries: int, tasks_per_batch: int, seed: int, augment: bool = False,
                  dataset_weights: Sequence[float] | Mapping[str, float] | None = None,
-                 task_offset: int = 0, cross_source_prob: float = 0.0):
+                 task_offset: int = 0, cross_source_prob: float = 0.0, source_labels: bool = False):
         if not pools:
             raise ValueError('TaskSampler needs at least one ClassPool')
         self.pools = tuple(pools)
@@ -203,6 +212,17 @@ class TaskSampler:
             raise ValueError('cross_source_prob > 0 needs at least two pools (the inter setting); '
                              f'got one pool ({self.pools[0].name})')
         self.cross_source_prob = float(cross_source_prob)
+        self.source_labels = bool(source_labels)
+        self._source_offsets = np.cumsum([0] + [p.num_classes for p in self.pools])[:-1]
+
+    @property
+    def num_source_classes(self) -> int:
+        """Classes over all pools together (rotated copies included): the range of 'source_label'."""
+        return int(sum(p.num_classes for p in self.pools))
+
+    def _source_ids(self, plan: _TaskPlan) -> np.ndarray:
+        pools = plan.class_pools if plan.class_pools is not None else np.full(len(plan.classes), plan.pool)
+        return (self._source_offsets[pools] + plan.virtual).astype(np.int32)
 
     def _normalised_weights(self, weights) -> np.ndarray:
         if weights is None:
@@ -232,12 +252,13 @@ class TaskSampler:
         pool_index = int(rng.choice(len(self.pools), p=self.weights))
         pool = self.pools[pool_index]
         k = min(int(rng.integers(self.min_way, self.max_way + 1)), pool.num_classes)
-        classes, rotations, picks = self._draw_classes(pool, k, rng)
+        classes, rotations, picks, virtual = self._draw_classes(pool, k, rng)
         return _TaskPlan(pool_index, classes, rotations, picks[:, :self.shots].ravel(),
-                         picks[:, self.shots:].ravel())
+                         picks[:, self.shots:].ravel(), virtual=virtual)
 
     def _draw_classes(self, pool: ClassPool, k: int, rng: np.random.Generator):
-        """k distinct classes of `pool`: (original ids [k], quarter turns [k], image picks [k, S+Q])."""
+        """k distinct classes of `pool`: (original ids [k], quarter turns [k], image picks [k, S+Q],
+        virtual ids [k]: index among the pool's classes with rotated copies, 0..num_classes-1)."""
         # choice without replacement returns the classes in random order: that order is the
         # per-task label remapping (label j <-> classes[j]). Class j of the task is (original
         # class, quarter turns) = divmod(virtual id, rotations); with rotations=1 this draws
@@ -247,7 +268,7 @@ class TaskSampler:
         rotations = (virtual % pool.rotations) * (4 // pool.rotations)
         picks = np.array([rng.choice(pool.data.class_indices[int(c)], self.shots + self.queries,
                                      replace=False) for c in classes], dtype=np.int64)
-        return classes, rotations, picks.reshape(k, self.shots + self.queries)  # k=0: [0, S+Q]
+        return classes, rotations, picks.reshape(k, self.shots + self.queries), virtual  # k=0: [0, S+Q]
 
     def _cross_source_plan(self, rng: np.random.Generator) -> _TaskPlan:
         capacity = np.array([p.num_classes if w > 0 else 0 for p, w in zip(self.pools, self.weights)])
@@ -257,13 +278,13 @@ class TaskSampler:
             open_weights = np.where(slots < capacity, self.weights, 0.0)
             slots[rng.choice(len(self.pools), p=open_weights / open_weights.sum())] += 1
         drawn = [self._draw_classes(pool, int(count), rng) for pool, count in zip(self.pools, slots)]
-        classes, rotations, picks = (np.concatenate(parts) for parts in zip(*drawn))
+        classes, rotations, picks, virtual = (np.concatenate(parts) for parts in zip(*drawn))
         pool_of = np.repeat(np.arange(len(self.pools)), slots)
         order = rng.permutation(len(classes))  # label order: pools interleaved, not in blocks
         picks = picks[order]
         return _TaskPlan(CROSS_SOURCE, classes[order], rotations[order],
                          picks[:, :self.shots].ravel(), picks[:, self.shots:].ravel(),
-                         class_pools=pool_of[order])
+                         class_pools=pool_of[order], virtual=virtual[order])
 
     def _task_name(self, plan: _TaskPlan) -> str:
         if plan.pool != CROSS_SOURCE:
@@ -292,6 +313,8 @@ class TaskSampler:
         t_count = self.tasks_per_batch
         batch = {'support': _empty_set(self.num_support, self.image_shape, (t_count,)),
                  'query': _empty_set(self.num_query, self.image_shape, (t_count,))}
+        if self.source_labels:
+            batch['query']['source_label'] = np.zeros((t_count, self.num_query), np.int32)
         info = []
         for t in range(t_count):
             rng = self._rng(step, t)
@@ -303,6 +326,9 @@ class TaskSampler:
                 out['image'][t, :n] = images
                 out['label'][t, :n] = np.repeat(np.arange(len(plan.classes)), per_class)
                 out['mask'][t, :n] = True
+            if self.source_labels:
+                batch['query']['source_label'][t, :len(plan.query)] = np.repeat(
+                    self._source_ids(plan), self.queries)
             info.append({'dataset': self._task_name(plan),
                          'classes': tuple(int(c) for c in plan.classes),
                          'rotations': tuple(int(r) for r in plan.rotations),

@@ -1,0 +1,67 @@
+"""Auxiliary supervised loss over the pooled source classes (``config.train.source_loss_weight``).
+
+Episodic meta-training asks a predicted backbone only to tell apart the K classes of its own task
+(the classifier is solved per task). A supervised network trained on all the sources' classes at
+once learns features that transfer further (RESULTS.md section 1.2: GTSRB + Fashion-MNIST, read out
+on CIFAR-10 like ``predict``, 36.6% against our predictor's 34.4%). This loss adds that pressure to
+meta-training: one linear head, shared by every task and trained with the hypernetwork, classifies
+each query image's *pooled source class* (``TaskSampler(source_labels=True)``) from the predicted
+backbone's penultimate features. Its gradient reaches the hypernetwork through those features.
+
+The head exists only in meta-training: it lives in the train state (its own params and Adam
+state), never in the hypernetwork's params or an export, and ``predict`` does not change.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pudnet_jax.models import get_target
+
+
+def feature_dim(config) -> int:
+    """Width of the target's pooled penultimate features (the head's input)."""
+    target = get_target(config.model.target, config.model.num_classes)
+    image = jnp.zeros((1, config.model.image_size, config.model.image_size, config.model.channels))
+    shapes = jax.eval_shape(lambda: target.init_with_output(
+        jax.random.key(0), image, train=False, features_only=True)[0])
+    return int(shapes.shape[-1])
+
+
+def enabled(config) -> bool:
+    return float(config.train.source_loss_weight) > 0.0
+
+
+def init_source_head(config, rng) -> dict:
+    """``{'kernel': [D, C], 'bias': [C]}`` for ``C = config.train.num_source_classes``.
+
+    LeCun-normal kernel (not zeros: a zero head passes no gradient to the features at step 0).
+    """
+    num_classes = int(config.train.num_source_classes)
+    if num_classes < 1:
+        raise ValueError(
+            "train.source_loss_weight > 0 needs train.num_source_classes (the pooled classes of the "
+            "meta-training sources); train_and_evaluate fills it in from the sampler "
+            f"(TaskSampler.num_source_classes). Got {num_classes}.")
+    dim = feature_dim(config)
+    kernel = jax.nn.initializers.lecun_normal()(rng, (dim, num_classes), jnp.float32)
+    return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def make_source_head_optimizer(config) -> optax.GradientTransformation:
+    """Adam at a constant ``train.source_head_learning_rate``: the head starts from scratch while
+    the hypernetwork may be warm-started at a small learning rate, so it gets its own rate."""
+    return optax.chain(optax.clip_by_global_norm(config.train.grad_clip),
+                       optax.adam(config.train.source_head_learning_rate))
+
+
+def source_head_loss(head: dict, features, source_labels, mask):
+    """Masked mean cross-entropy and accuracy of the head on ``features [N, D]``."""
+    logits = features @ head["kernel"] + head["bias"]
+    weights = mask.astype(jnp.float32)
+    n = jnp.maximum(weights.sum(), 1.0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, source_labels)
+    correct = (jnp.argmax(logits, -1) == source_labels).astype(jnp.float32)
+    return (ce * weights).sum() / n, (correct * weights).sum() / n
