@@ -14,6 +14,11 @@ For each target, with the default hypernetwork sizes (``configs/common.base_conf
   alone, the target's BatchNorm pass alone (one train-mode forward over the batch), and the rest
   (recurrent cell + parameter head + prototype classifier) by difference;
 - peak resident memory of the process so far (``ru_maxrss``), machine, seed and wall time.
+
+``--small_map_conv`` also times why the encoder does 3x3 convs on <=2x2 maps as a matmul
+(``hypernet/encoder._conv_small_maps_as_matmul``): XLA's conv vs that matmul on a
+``[N, S, S, C]`` batch with ``C`` output channels, for S in 1, 2, 4 (4 is not rewritten: the
+control), with the largest difference between the two results.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from configs.common import base_config  # noqa: E402
 from pudnet_jax import baselines  # noqa: E402
 from pudnet_jax.evaluate import init_target  # noqa: E402
 from pudnet_jax.hypernet import build_hypernet  # noqa: E402
-from pudnet_jax.hypernet.encoder import SetEncoder  # noqa: E402
+from pudnet_jax.hypernet.encoder import SetEncoder, _conv_small_maps_as_matmul  # noqa: E402
 from pudnet_jax.models import get_target  # noqa: E402
 from pudnet_jax.predict import init_hyper_params, make_predict_fn  # noqa: E402
 from pudnet_jax.train import machine_description  # noqa: E402
@@ -112,15 +117,38 @@ def bench_target(target: str, args) -> dict:
     return row
 
 
+def bench_small_map_conv(args) -> list[dict]:
+    """XLA's 3x3 SAME conv vs the encoder's matmul form, on [N, S, S, C] maps (see the docstring)."""
+    rng = np.random.default_rng(args.seed)
+    n, c = args.num_images, 128
+    kernel = rng.normal(size=(3, 3, c, c)).astype(np.float32) / np.sqrt(9 * c)
+    dims = ("NHWC", "HWIO", "NHWC")
+    rows = []
+    for size in (1, 2, 4):
+        x = rng.normal(size=(n, size, size, c)).astype(np.float32)
+        conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=dims))
+        matmul = jax.jit(lambda x, k: _conv_small_maps_as_matmul(
+            x, k, (1, 1), "SAME", dimension_numbers=dims))
+        gap = float(np.max(np.abs(np.asarray(conv(x, kernel)) - np.asarray(matmul(x, kernel)))))
+        t = median_seconds({"conv": lambda: conv(x, kernel), "matmul": lambda: matmul(x, kernel)},
+                           max(args.repeats, 20))
+        rows.append({"size": size, "conv_s": t["conv"], "matmul_s": t["matmul"], "max_abs_diff": gap})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--targets", nargs="+", default=["resnet8", "resnet18"])
+    parser.add_argument("--targets", nargs="*", default=["resnet8", "resnet18"],
+                        help="targets to time (none: only --small_map_conv)")
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--num_images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder_downsample", type=int, default=1,
                         help="hyper.encoder_downsample: the set encoder reads images pooled by it")
+    parser.add_argument("--small_map_conv", action="store_true",
+                        help="also time XLA's 3x3 conv vs the encoder's matmul form on tiny maps")
     args = parser.parse_args()
     t0 = time.perf_counter()
     m = machine_description()
@@ -143,6 +171,13 @@ def main() -> None:
         print(f"  predict / train step = {r['ratio']:.3f}  [{verdict}]")
         print(f"  peak RSS so far {r['peak_rss_mb']:.0f} MB; load average (1, 5, 15 min) "
               f"{', '.join(f'{x:.1f}' for x in r['load_average'])} on {os.cpu_count()} CPUs")
+    if args.small_map_conv:
+        print(f"\n3x3 SAME conv, {args.num_images} x S x S x 128 -> 128 channels, median of "
+              f"{max(args.repeats, 20)} calls (S <= 2 is what the encoder rewrites; S = 4 is not)")
+        for r in bench_small_map_conv(args):
+            rewritten = "matmul form" if r["size"] <= 2 else "not rewritten (same conv)"
+            print(f"  S={r['size']}: lax conv {r['conv_s'] * 1e3:7.2f} ms, {rewritten} "
+                  f"{r['matmul_s'] * 1e3:7.2f} ms, max |difference| {r['max_abs_diff']:.1e}")
     print(f"\nwall time {time.perf_counter() - t0:.1f} s")
 
 
