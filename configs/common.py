@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     # prototype (class means) | ridge (closed-form ridge regression) | generated (ablation).
     c.hyper.classifier = "prototype"
     c.hyper.ridge_lambda = DEFAULT_RIDGE_LAMBDA  # ridge only; relative to the features' variance
+    # predict also reads the horizontal mirror of every image it is given (2x its BatchNorm pass
+    # and classifier rows): only for data whose classes survive a flip (natural images).
+    c.hyper.mirror_support = False
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

@@ -14,8 +14,16 @@ and reports each one's accuracy and its paired difference to the first.
 ``--encoder_downsample=1,2`` scores each predictor at each of these ``hyper.encoder_downsample``
 factors (same parameters; the set encoder reads images pooled by the factor), and
 ``--predict_shots`` overrides the predict sample (images per class), so a cheaper operating point
-of one predictor is chosen on meta-val too. Each row reports the median predict time beside the
-accuracy.
+of one predictor is chosen on meta-val too. ``--mirror_support=0,1`` likewise scores each one
+without and with ``hyper.mirror_support`` (predict also reads mirrored images). Each row reports
+the median predict time beside the accuracy.
+
+``--source_dataset=fashion_mnist`` (inter predictors only) replaces the meta-val tasks by
+``--num_val_tasks`` whole-dataset tasks of that *source* dataset, built like the held-out
+dataset's evaluation task (``data.predict_shots`` train images per class, scored on its test
+split), each with its own predict sample (task seeds 1, 2, ...). The held-out dataset is refused.
+That is the validation signal for a choice that depends on the kind of data, such as mirroring,
+which GTSRB's meta-val tasks cannot judge (a mirrored sign is another sign).
 
 Writes ``compare.json`` and ``compare.md`` (machine, seed, wall time included).
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import sys
@@ -33,28 +42,49 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pudnet_jax import baselines, checkpoints
+from pudnet_jax import baselines, checkpoints, data, train
 from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
 from pudnet_jax.train import machine_description
 
 
-def _variant(config, predict_shots: int | None, encoder_downsample: int | None):
+def _variant(config, predict_shots: int | None, encoder_downsample: int | None,
+             mirror_support: bool | None = None):
     config = copy.deepcopy(config)
     with config.unlocked():
         if predict_shots is not None:
             config.data.predict_shots = int(predict_shots)
         if encoder_downsample is not None:
             config.hyper.encoder_downsample = int(encoder_downsample)
+        if mirror_support is not None:
+            config.hyper.mirror_support = bool(mirror_support)
     return config
 
 
+def source_dataset_tasks(config, dataset: str, num_tasks: int):
+    """Whole-dataset tasks of an inter predictor's *source* ``dataset`` (task seeds 1..n)."""
+    d = config.data
+    if d.setting != "inter":
+        raise ValueError(f"--source_dataset needs an inter predictor; this one is {d.setting!r}.")
+    sources = data.inter_split(d.held_out).sources
+    if dataset not in sources:
+        raise ValueError(f"--source_dataset={dataset!r} is not a source of this predictor "
+                         f"(sources {list(sources)}; {d.held_out!r} is held out and stays unseen).")
+    return [task for seed in range(1, num_tasks + 1)
+            for task in data.make_eval_tasks("inter", dataset, predict_shots=d.predict_shots,
+                                             seed=seed, **train.prepare_kwargs(config))]
+
+
 def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = None,
-            encoder_downsample: list[int] | None = None) -> dict:
+            encoder_downsample: list[int] | None = None, mirror_support: list[bool] | None = None,
+            source_dataset: str | None = None) -> dict:
     """Per-task meta-val accuracy of each predictor in ``paths`` (at each encoder factor in
-    ``encoder_downsample``, if given) on the first one's meta-val tasks."""
+    ``encoder_downsample`` and each ``mirror_support`` setting, if given) on the first one's
+    meta-val tasks (or on tasks of an inter predictor's source dataset, ``source_dataset``)."""
     factors = list(encoder_downsample or [None])
-    if len(paths) * len(factors) < 2:
-        raise ValueError(f"need at least two predictors (or factors) to compare, got {paths} x {factors}")
+    mirrors = list(mirror_support or [None])
+    if len(paths) * len(factors) * len(mirrors) < 2:
+        raise ValueError(f"need at least two predictors (or variants) to compare, got "
+                         f"{paths} x {factors} x {mirrors}")
     start = time.perf_counter()
     configs = [_variant(checkpoints.read_config(path), predict_shots, None) for path in paths]
     reference = configs[0]
@@ -64,33 +94,41 @@ def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = No
             if config.data[field] != reference.data[field]:
                 raise ValueError(f"{path}: data.{field}={config.data[field]!r} differs from "
                                  f"{paths[0]}'s {reference.data[field]!r}; their meta-val tasks differ.")
-    tasks = baselines.lr_tuning_tasks(reference, num_val_tasks)
+    tasks = (source_dataset_tasks(reference, source_dataset, num_val_tasks) if source_dataset
+             else baselines.lr_tuning_tasks(reference, num_val_tasks))
     rows = []
     for path, config in zip(paths, configs):
         params, info = checkpoints.restore_hyper_params(path, config)
-        for factor in factors:
-            variant = _variant(config, None, factor)
+        for factor, mirror in itertools.product(factors, mirrors):
+            variant = _variant(config, None, factor, mirror)
             result = TaskEvaluator(variant).evaluate(params, tasks)
-            name = path if factor is None else f"{path} @ encoder_downsample={factor}"
+            name = path + "".join(f" @ {key}={value}" for key, value in
+                                  (("encoder_downsample", factor), ("mirror_support", mirror))
+                                  if value is not None)
             rows.append({"checkpoint": name, "info_step": info.get("step"),
                          "encoder_downsample": int(variant.hyper.encoder_downsample),
+                         "mirror_support": bool(variant.hyper.get("mirror_support", False)),
                          "per_task": result["per_task_predicted"], "predicted": result["predicted"],
                          "predict_seconds_median": result["predict_seconds_median"]})
     base = np.array(rows[0]["per_task"])
     for row in rows:
         row["minus_first"] = mean_and_ci95(list(np.array(row["per_task"]) - base))
     return {"rows": rows, "num_val_tasks": len(tasks), "val_tasks": [t.name for t in tasks],
+            "source_dataset": source_dataset,
             "predict_shots": reference.data.predict_shots, "eval_task_seed": reference.data.eval_task_seed,
             "machine": machine_description(), "wall_seconds": time.perf_counter() - start}
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# Predictors compared on {result['num_val_tasks']} meta-val tasks "
+    kind = (f"whole-dataset tasks of the source {result['source_dataset']}"
+            if result.get("source_dataset") else "meta-val tasks")
+    lines = [f"# Predictors compared on {result['num_val_tasks']} {kind} "
              f"({result['predict_shots']} images per class given to predict)", "",
              f"- Machine: {m['cpu']} ({m['cpu_count']} CPUs), JAX {m['jax_version']} "
              f"backend `{m['jax_backend']}`; wall time {result['wall_seconds']:.1f} s; "
-             f"task seed data.eval_task_seed + 1 = {result['eval_task_seed'] + 1}", "",
+             + (f"task seeds 1..{result['num_val_tasks']}" if result.get("source_dataset") else
+                f"task seed data.eval_task_seed + 1 = {result['eval_task_seed'] + 1}"), "",
              "| predictor | meta-val accuracy % | minus the first (paired) | predict s (median) |",
              "| --- | --- | --- | --- |"]
     for row in result["rows"]:
@@ -110,10 +148,17 @@ def main() -> None:
                         help="images per class given to predict (default: the first config's)")
     parser.add_argument("--encoder_downsample", default=None,
                         help="comma-separated hyper.encoder_downsample factors to score each predictor at")
+    parser.add_argument("--mirror_support", default=None,
+                        help="comma-separated 0/1: score each predictor without / with hyper.mirror_support")
+    parser.add_argument("--source_dataset", default=None,
+                        help="inter only: score on whole-dataset tasks of this source dataset instead")
     args = parser.parse_args()
     factors = ([int(f) for f in args.encoder_downsample.split(",")]
                if args.encoder_downsample else None)
-    result = compare(args.checkpoints.split(","), args.num_val_tasks, args.predict_shots, factors)
+    mirrors = ([bool(int(m)) for m in args.mirror_support.split(",")]
+               if args.mirror_support else None)
+    result = compare(args.checkpoints.split(","), args.num_val_tasks, args.predict_shots, factors,
+                     mirrors, args.source_dataset)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "compare.json"), "w") as f:
         json.dump(result, f, indent=1)

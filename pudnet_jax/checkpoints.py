@@ -45,6 +45,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
     - ``hyper.prototype_classifier`` (bool, before ``hyper.classifier`` existed): True is
       ``classifier='prototype'``, False the ablation ``classifier='generated'``.
     - ``hyper.encoder_downsample`` (added in session 11): absent means 1 (full resolution).
+    - ``hyper.mirror_support`` (session 14): absent means False.
     - ``train.source_loss_weight`` / ``source_head_learning_rate`` / ``num_source_classes``
       (session 12): absent means no source head.
     """
@@ -52,6 +53,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
     hyper = saved.get("hyper", {})
     if hyper:
         hyper.setdefault("encoder_downsample", 1)
+        hyper.setdefault("mirror_support", False)
     train = saved.get("train", {})
     if train:
         train.setdefault("source_loss_weight", 0.0)

@@ -44,6 +44,12 @@ def make_predict_fn(config, num_classes: int | None = None,
         chunk instead of the dataset, for about ``L/2`` times the target's forward compute
         (``L`` BatchNorm layers). Same result up to float summation order.
 
+    With ``config.hyper.mirror_support`` the batch is extended by the horizontal mirror image
+    of every row (same label and mask) before the hypernetwork reads it: the BatchNorm
+    statistics and the classifier's solve see twice the examples, at about twice predict's
+    cost. Only for data whose classes survive a flip (``data.tasks.FLIP_PRESERVES_CLASS``:
+    natural images, clothes; not signs, digits or characters).
+
     ``hyper_params`` is the hypernetwork's ``{'params': ...}``. ``dataset_batch`` is
     ``{'image': float32 [N, H, W, C], 'label': int [N], 'mask': bool [N] (optional)}``.
     """
@@ -51,6 +57,9 @@ def make_predict_fn(config, num_classes: int | None = None,
     image_shape = tuple(hypernet.image_shape)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of images or None; got {chunk_size}.")
+    mirror = config.hyper.get("mirror_support", False)
+    if not isinstance(mirror, bool):
+        raise ValueError(f"hyper.mirror_support must be True or False; got {mirror!r}.")
 
     def predict(hyper_params, dataset_batch: Mapping) -> Variables:
         check_dataset_batch(dataset_batch, hypernet.num_classes, image_shape)
@@ -58,11 +67,21 @@ def make_predict_fn(config, num_classes: int | None = None,
         labels = jnp.asarray(dataset_batch["label"], jnp.int32)
         mask = dataset_batch.get("mask")
         mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask, bool)
+        if mirror:
+            images, labels, mask = with_mirror_images(images, labels, mask)
         if chunk_size is not None and images.shape[0] > chunk_size:
             return chunked_apply(hypernet, hyper_params, images, labels, mask, chunk_size)
         return hypernet.apply(hyper_params, images, labels, mask)
 
     return predict
+
+
+def with_mirror_images(images, labels, mask):
+    """``[N, H, W, C]`` images, labels, mask -> ``2N`` rows: the originals, then their
+    horizontal mirror images (width axis reversed) with the same labels and mask."""
+    mirrored = images[:, :, ::-1, :]
+    return (jnp.concatenate([images, mirrored]), jnp.concatenate([labels, labels]),
+            jnp.concatenate([mask, mask]))
 
 
 def init_hyper_params(config, rng, num_classes: int | None = None):

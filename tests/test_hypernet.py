@@ -5,6 +5,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -189,3 +190,35 @@ def test_encoder_downsample_reads_pooled_images_with_the_same_parameters(tiny_co
     config.hyper.encoder_downsample = 3
     with pytest.raises(ValueError, match="encoder_downsample"):
         make_predict_fn(config)(params, batch)
+
+
+def test_mirror_support_predicts_from_the_batch_plus_its_mirror_images(tiny_config):
+    """hyper.mirror_support=True is exactly predict on the batch extended by its horizontally
+    flipped images (same labels and mask), with the ridge classifier too; it differs from the
+    plain prediction, changes nothing for a batch of mirror-symmetric images, and a non-bool
+    value is refused."""
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.classifier = "ridge"
+    plain = jax.jit(make_predict_fn(config))
+    config.hyper.mirror_support = True
+    mirrored = jax.jit(make_predict_fn(config))
+    params = init_hyper_params(config, jax.random.key(0))
+    batch = _batch(20, 5)
+    doubled = {"image": np.concatenate([batch["image"], batch["image"][:, :, ::-1]]),
+               "label": np.concatenate([batch["label"]] * 2), "mask": np.ones(40, bool)}
+    chex.assert_trees_all_close(mirrored(params, batch), plain(params, doubled), rtol=1e-5, atol=1e-5)
+    change = np.abs(mirrored(params, batch)["params"]["Dense_0"]["kernel"]
+                    - plain(params, batch)["params"]["Dense_0"]["kernel"]).max()
+    assert change > 1e-2, change
+
+    symmetric = dict(batch, image=(batch["image"] + batch["image"][:, :, ::-1]) / 2)
+    # Duplicating every row changes no mean, variance or ridge solution (all are per-example
+    # averages), so a mirror-symmetric batch predicts what it predicts without mirroring (up to
+    # float32 summation order over twice the rows: ~1e-4 relative on logit-scale biases).
+    chex.assert_trees_all_close(mirrored(params, symmetric), plain(params, symmetric), rtol=1e-3, atol=1e-3)
+
+    # ConfigDict refuses a str for a bool field; a config rebuilt from JSON does not.
+    loose = config.to_dict()
+    loose["hyper"]["mirror_support"] = "yes"
+    with pytest.raises(ValueError, match="mirror_support"):
+        make_predict_fn(ml_collections.ConfigDict(loose))
