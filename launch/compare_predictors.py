@@ -129,7 +129,7 @@ def markdown(result: dict) -> str:
              f"backend `{m['jax_backend']}`; wall time {result['wall_seconds']:.1f} s; "
              + (f"task seeds 1..{result['num_val_tasks']}" if result.get("source_dataset") else
                 f"task seed data.eval_task_seed + 1 = {result['eval_task_seed'] + 1}"), "",
-             "| predictor | meta-val accuracy % | minus the first (paired) | predict s (median) |",
+             "| predictor | accuracy % | minus the first (paired) | predict s (median) |",
              "| --- | --- | --- | --- |"]
     for row in result["rows"]:
         seconds = row.get("predict_seconds_median")
