@@ -107,7 +107,7 @@ def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = No
                                   if value is not None)
             rows.append({"checkpoint": name, "info_step": info.get("step"),
                          "encoder_downsample": int(variant.hyper.encoder_downsample),
-                         "mirror_support": bool(variant.hyper.get("mirror_support", False)),
+                         "mirror_support": bool(variant.hyper.mirror_support),
                          "per_task": result["per_task_predicted"], "predicted": result["predicted"],
                          "predict_seconds_median": result["predict_seconds_median"]})
     base = np.array(rows[0]["per_task"])
