@@ -103,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.source_loss_weight = 0.0
     c.train.source_head_learning_rate = 1e-3
     c.train.num_source_classes = 0  # filled in by the run from its pools; leave 0
+    # Which source classes the head classifies: comma-separated pool names ('' = every pool), and
+    # whether only unrotated images get a label (one class per original class, as the
+    # supervised probe of RESULTS.md 1.2 trains) rather than every rotated copy as a class.
+    c.train.source_head_datasets = ""
+    c.train.source_head_upright_only = False
     c.train.task_loop = "unroll"  # unroll (fast on CPU) | vmap (grouped convs; try on GPU/TPU)
     c.train.tensorboard = False
     c.train.progress_bar = True

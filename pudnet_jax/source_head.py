@@ -34,6 +34,20 @@ def enabled(config) -> bool:
     return float(config.train.source_loss_weight) > 0.0
 
 
+def sampler_options(config) -> dict:
+    """``TaskSampler`` keywords choosing which query images get a source label.
+
+    ``train.source_head_datasets`` ('' = every pool; e.g. 'gtsrb,fashion_mnist' leaves Omniglot's
+    1,623 characters out) and ``train.source_head_upright_only`` (only unrotated images, one class
+    per original class). Configs written before these fields existed label everything.
+    """
+    if not enabled(config):
+        return {}
+    names = [n.strip() for n in str(config.train.get("source_head_datasets", "")).split(",") if n.strip()]
+    return {"source_label_datasets": names or None,
+            "source_label_upright": bool(config.train.get("source_head_upright_only", False))}
+
+
 def init_source_head(config, rng) -> dict:
     """``{'kernel': [D, C], 'bias': [C]}`` for ``C = config.train.num_source_classes``.
 
@@ -58,9 +72,14 @@ def make_source_head_optimizer(config) -> optax.GradientTransformation:
 
 
 def source_head_loss(head: dict, features, source_labels, mask):
-    """Masked mean cross-entropy and accuracy of the head on ``features [N, D]``."""
+    """Masked mean cross-entropy and accuracy of the head on ``features [N, D]``.
+
+    Rows with ``source_labels < 0`` (images the sampler gives no source label:
+    ``train.source_head_datasets``, ``train.source_head_upright_only``) count as masked.
+    """
     logits = features @ head["kernel"] + head["bias"]
-    weights = mask.astype(jnp.float32)
+    weights = (mask & (source_labels >= 0)).astype(jnp.float32)
+    source_labels = jnp.maximum(source_labels, 0)
     n = jnp.maximum(weights.sum(), 1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, source_labels)
     correct = (jnp.argmax(logits, -1) == source_labels).astype(jnp.float32)

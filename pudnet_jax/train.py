@@ -238,7 +238,8 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
     return data.TaskSampler(pools, way=way, shots=d.shots, queries=d.queries, tasks_per_batch=tasks,
                             seed=config.seed * 1000, augment=d.augment, task_offset=offset,
                             cross_source_prob=d.get("cross_source_prob", 0.0),
-                            source_labels=source_head.enabled(config))
+                            source_labels=source_head.enabled(config),
+                            **source_head.sampler_options(config))
 
 
 class Validator:

@@ -506,3 +506,38 @@ def test_source_labels_name_one_pooled_class_whatever_the_task(cross_source_prob
     assert set(id_of.values()) <= set(range(20))
     gtsrb_ids = {sid for (name, _, _), sid in id_of.items() if name == 'gtsrb'}
     assert gtsrb_ids and min(gtsrb_ids) >= 16  # pools in order: fashion_mnist 0..15, gtsrb 16..19
+
+
+def test_source_labels_can_leave_pools_and_rotated_copies_out():
+    """source_label_datasets gives ids only to the named pools, source_label_upright only to
+    unrotated images (one id per original class); every other query image gets -1, padding stays
+    0, and the task stream is the one the sampler draws without source labels."""
+    a, b = _fake_prepared(4, 6, name='fashion_mnist'), _fake_prepared(5, 6, name='gtsrb')
+    pools = [data.ClassPool(a, (0, 1, 2, 3), rotations=4), data.ClassPool(b, (1, 2, 3, 4))]
+    kwargs = dict(way=(2, 4), shots=2, queries=3, tasks_per_batch=4, seed=5)
+    plain = data.TaskSampler(pools, **kwargs)
+    gtsrb_only = data.TaskSampler(pools, **kwargs, source_labels=True, source_label_datasets=['gtsrb'])
+    upright = data.TaskSampler(pools, **kwargs, source_labels=True, source_label_upright=True)
+    assert gtsrb_only.num_source_classes == 4 and upright.num_source_classes == 4 + 4
+    seen = {'gtsrb_only': {}, 'upright': {}}
+    for step in range(16):
+        reference = plain.batch(step)
+        for name, sampler in (('gtsrb_only', gtsrb_only), ('upright', upright)):
+            batch, info = sampler.batch(step, return_info=True)
+            np.testing.assert_array_equal(batch['query']['image'], reference['query']['image'])
+            ids = batch['query']['source_label']
+            for t, task in enumerate(info):
+                k = len(task['classes'])
+                assert (ids[t, 3 * k:] == 0).all()  # padding rows
+                for (c, r), sid in zip(zip(task['classes'], task['rotations']), ids[t, :3 * k:3]):
+                    labelled = task['dataset'] == 'gtsrb' if name == 'gtsrb_only' else r == 0
+                    if not labelled:
+                        assert sid == -1, (name, task['dataset'], c, r)
+                        continue
+                    assert 0 <= sid < sampler.num_source_classes
+                    assert seen[name].setdefault((task['dataset'], c), int(sid)) == sid
+    for ids in seen.values():
+        assert len(set(ids.values())) == len(ids)  # one id per labelled original class
+    assert {d for d, _ in seen['upright']} == {'fashion_mnist', 'gtsrb'}
+    with pytest.raises(ValueError, match='source_label_datasets must name'):
+        data.TaskSampler(pools, **kwargs, source_labels=True, source_label_datasets=['cifar10'])

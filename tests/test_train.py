@@ -6,6 +6,7 @@ import os
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -113,6 +114,25 @@ def test_source_loss_reaches_the_hypernetwork_and_trains_its_head(tiny_config):
         state, metrics = step(state, batch)
         losses.append(float(metrics["source_loss"]))
     assert losses[-1] < losses[0], losses
+
+
+def test_source_head_loss_ignores_images_without_a_source_label():
+    """Rows labelled -1 (no source label: another pool, or a rotated copy) and masked rows change
+    neither the loss nor the accuracy: the result is that of the labelled rows alone."""
+    from pudnet_jax import source_head
+
+    rng = np.random.default_rng(0)
+    head = {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), "bias": jnp.zeros(5)}
+    features = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+    labels = jnp.array([0, 3, -1, 4, -1, 2, 1, 0])
+    mask = jnp.array([True, True, True, True, True, True, False, False])
+    loss, accuracy = source_head.source_head_loss(head, features, labels, mask)
+    keep = np.array([0, 1, 3, 5])
+    ref_loss, ref_accuracy = source_head.source_head_loss(head, features[keep], labels[keep],
+                                                          jnp.ones(4, bool))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(accuracy, ref_accuracy)
+    assert np.isfinite(float(loss))
 
 
 def test_train_way_widens_meta_training_tasks_only(tiny_config):

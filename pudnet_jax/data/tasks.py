@@ -14,6 +14,8 @@ With `TaskSampler(source_labels=True)` the query set also has 'source_label': i3
 image's class as one id over all the sampler's pools together (pool offset + the class's index in
 its pool, rotated copies counted as classes): the labels of the auxiliary supervised loss over
 the pooled source classes (`pudnet_jax.source_head`). Ids do not depend on the task.
+`source_label_datasets` restricts the ids to some pools and `source_label_upright=True` to the
+unrotated images (one id per original class); every other query image gets -1 (no source label).
 """
 
 from __future__ import annotations
@@ -178,7 +180,9 @@ class TaskSampler:
     def __init__(self, pools: Sequence[ClassPool], way: int | tuple[int, int], shots: int,
                  queries: int, tasks_per_batch: int, seed: int, augment: bool = False,
                  dataset_weights: Sequence[float] | Mapping[str, float] | None = None,
-                 task_offset: int = 0, cross_source_prob: float = 0.0, source_labels: bool = False):
+                 task_offset: int = 0, cross_source_prob: float = 0.0, source_labels: bool = False,
+                 source_label_datasets: Sequence[str] | None = None,
+                 source_label_upright: bool = False):
         if not pools:
             raise ValueError('TaskSampler needs at least one ClassPool')
         self.pools = tuple(pools)
@@ -213,16 +217,37 @@ class TaskSampler:
                              f'got one pool ({self.pools[0].name})')
         self.cross_source_prob = float(cross_source_prob)
         self.source_labels = bool(source_labels)
-        self._source_offsets = np.cumsum([0] + [p.num_classes for p in self.pools])[:-1]
+        names = [p.name for p in self.pools]
+        if source_label_datasets is not None:
+            unknown = sorted(set(source_label_datasets) - set(names))
+            if unknown or not source_label_datasets:
+                raise ValueError(f'source_label_datasets must name some of the pools {names}; '
+                                 f'got {list(source_label_datasets)}')
+        self._source_labelled = np.array([source_label_datasets is None or n in source_label_datasets
+                                          for n in names])
+        self.source_label_upright = bool(source_label_upright)
+        # Per pool: how many source ids it owns (0 when not labelled) and the first of them.
+        counts = np.array([(len(p.classes) if self.source_label_upright else p.num_classes) * on
+                           for p, on in zip(self.pools, self._source_labelled)])
+        self._source_counts = counts
+        self._source_offsets = np.cumsum([0] + counts.tolist())[:-1]
 
     @property
     def num_source_classes(self) -> int:
-        """Classes over all pools together (rotated copies included): the range of 'source_label'."""
-        return int(sum(p.num_classes for p in self.pools))
+        """The range of 'source_label': the labelled pools' classes (rotated copies included
+        unless `source_label_upright`)."""
+        return int(self._source_counts.sum())
 
     def _source_ids(self, plan: _TaskPlan) -> np.ndarray:
+        """One id per class of the task (label order); -1 for a class with no source label."""
         pools = plan.class_pools if plan.class_pools is not None else np.full(len(plan.classes), plan.pool)
-        return (self._source_offsets[pools] + plan.virtual).astype(np.int32)
+        rotations = np.array([self.pools[p].rotations for p in pools], np.int64)
+        virtual = np.asarray(plan.virtual, np.int64)
+        if self.source_label_upright:
+            ids = np.where(virtual % rotations == 0, self._source_offsets[pools] + virtual // rotations, -1)
+        else:
+            ids = self._source_offsets[pools] + virtual
+        return np.where(self._source_labelled[pools], ids, -1).astype(np.int32)
 
     def _normalised_weights(self, weights) -> np.ndarray:
         if weights is None:
