@@ -48,6 +48,8 @@ def upgrade_legacy_config(saved: dict) -> dict:
     - ``hyper.mirror_support`` (session 14): absent means False.
     - ``train.source_loss_weight`` / ``source_head_learning_rate`` / ``num_source_classes``
       (session 12): absent means no source head.
+    - ``train.source_head_datasets`` / ``source_head_upright_only`` (session 15): absent means
+      every pool's classes, rotated copies included (the session-12 head).
     """
     saved = json.loads(json.dumps(saved))
     hyper = saved.get("hyper", {})
@@ -59,6 +61,8 @@ def upgrade_legacy_config(saved: dict) -> dict:
         train.setdefault("source_loss_weight", 0.0)
         train.setdefault("source_head_learning_rate", 1e-3)
         train.setdefault("num_source_classes", 0)
+        train.setdefault("source_head_datasets", "")
+        train.setdefault("source_head_upright_only", False)
     if "prototype_classifier" in hyper and "classifier" not in hyper:
         hyper["classifier"] = "prototype" if hyper.pop("prototype_classifier") else "generated"
         hyper.setdefault("ridge_lambda", DEFAULT_RIDGE_LAMBDA)
