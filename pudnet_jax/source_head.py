@@ -39,13 +39,14 @@ def sampler_options(config) -> dict:
 
     ``train.source_head_datasets`` ('' = every pool; e.g. 'gtsrb,fashion_mnist' leaves Omniglot's
     1,623 characters out) and ``train.source_head_upright_only`` (only unrotated images, one class
-    per original class). Configs written before these fields existed label everything.
+    per original class). Saved configs from before these fields existed get the label-everything
+    defaults from ``checkpoints.upgrade_legacy_config``.
     """
     if not enabled(config):
         return {}
-    names = [n.strip() for n in str(config.train.get("source_head_datasets", "")).split(",") if n.strip()]
+    names = [n.strip() for n in str(config.train.source_head_datasets).split(",") if n.strip()]
     return {"source_label_datasets": names or None,
-            "source_label_upright": bool(config.train.get("source_head_upright_only", False))}
+            "source_label_upright": bool(config.train.source_head_upright_only)}
 
 
 def init_source_head(config, rng) -> dict:

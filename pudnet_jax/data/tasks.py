@@ -227,10 +227,9 @@ class TaskSampler:
                                           for n in names])
         self.source_label_upright = bool(source_label_upright)
         # Per pool: how many source ids it owns (0 when not labelled) and the first of them.
-        counts = np.array([(len(p.classes) if self.source_label_upright else p.num_classes) * on
-                           for p, on in zip(self.pools, self._source_labelled)])
-        self._source_counts = counts
-        self._source_offsets = np.cumsum([0] + counts.tolist())[:-1]
+        self._source_counts = np.array([(len(p.classes) if self.source_label_upright else p.num_classes) * on
+                                        for p, on in zip(self.pools, self._source_labelled)])
+        self._source_offsets = np.cumsum([0] + self._source_counts.tolist())[:-1]
 
     @property
     def num_source_classes(self) -> int:
