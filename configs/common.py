@@ -108,6 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
     # supervised probe of RESULTS.md 1.2 trains) rather than every rotated copy as a class.
     c.train.source_head_datasets = ""
     c.train.source_head_upright_only = False
+    # Standardise the head's input features per task (centre, divide by one RMS, as the ridge
+    # solve does): each predicted backbone has its own activation scale.
+    c.train.source_head_standardize = False
+    # Steps over which the source loss's gradient into the hypernetwork ramps from 0 to 1 (the
+    # head itself trains at full strength from step 0, so it first learns to read the features).
+    c.train.source_head_warmup_steps = 0
     c.train.task_loop = "unroll"  # unroll (fast on CPU) | vmap (grouped convs; try on GPU/TPU)
     c.train.tensorboard = False
     c.train.progress_bar = True

@@ -50,6 +50,8 @@ def upgrade_legacy_config(saved: dict) -> dict:
       (session 12): absent means no source head.
     - ``train.source_head_datasets`` / ``source_head_upright_only`` (session 15): absent means
       every pool's classes, rotated copies included (the session-12 head).
+    - ``train.source_head_standardize`` / ``source_head_warmup_steps`` (session 16): absent means
+      raw features and no ramp.
     """
     saved = json.loads(json.dumps(saved))
     hyper = saved.get("hyper", {})
@@ -63,6 +65,8 @@ def upgrade_legacy_config(saved: dict) -> dict:
         train.setdefault("num_source_classes", 0)
         train.setdefault("source_head_datasets", "")
         train.setdefault("source_head_upright_only", False)
+        train.setdefault("source_head_standardize", False)
+        train.setdefault("source_head_warmup_steps", 0)
     if "prototype_classifier" in hyper and "classifier" not in hyper:
         hyper["classifier"] = "prototype" if hyper.pop("prototype_classifier") else "generated"
         hyper.setdefault("ridge_lambda", DEFAULT_RIDGE_LAMBDA)

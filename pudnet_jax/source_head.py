@@ -72,14 +72,52 @@ def make_source_head_optimizer(config) -> optax.GradientTransformation:
                        optax.adam(config.train.source_head_learning_rate))
 
 
-def source_head_loss(head: dict, features, source_labels, mask):
+def standardize_features(features, weights):
+    """``features [N, D]`` centred on their weighted mean and divided by one global RMS.
+
+    The same normalisation as the ridge solve (``hypernet/ridge.py``). Each task's predicted
+    backbone has its own activation scale (its BatchNorm statistics come from its own support), so
+    a head shared by all tasks reads raw features on a scale that jumps from task to task. That
+    is one suspect for the head that did not learn in sessions 13 and 15.
+    """
+    n = jnp.maximum(weights.sum(), 1.0)
+    mean = (features * weights[:, None]).sum(0) / n
+    centred = (features - mean) * weights[:, None]
+    scale = jnp.sqrt(jnp.sum(centred**2) / (n * features.shape[-1]) + 1e-8)
+    return (features - mean) / scale
+
+
+def scale_gradient(x, scale):
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass."""
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + scale * (x - frozen)
+
+
+def hypernet_gradient_scale(config, step):
+    """How much of the source loss's gradient reaches the hypernetwork at ``step``.
+
+    A linear ramp from 0 to 1 over ``train.source_head_warmup_steps`` (0: always 1). While it
+    ramps, the head still trains at full strength: a head starting from random weights first
+    learns to read the current features, before its gradient is allowed to reshape them.
+    """
+    warmup = int(config.train.source_head_warmup_steps)
+    if warmup <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.clip(jnp.asarray(step, jnp.float32) / warmup, 0.0, 1.0)
+
+
+def source_head_loss(head: dict, features, source_labels, mask, standardize: bool = False):
     """Masked mean cross-entropy and accuracy of the head on ``features [N, D]``.
 
     Rows with ``source_labels < 0`` (images the sampler gives no source label:
     ``train.source_head_datasets``, ``train.source_head_upright_only``) count as masked.
+    ``standardize`` (``train.source_head_standardize``) reads the features through
+    ``standardize_features`` over the labelled rows.
     """
-    logits = features @ head["kernel"] + head["bias"]
     weights = (mask & (source_labels >= 0)).astype(jnp.float32)
+    if standardize:
+        features = standardize_features(features, weights)
+    logits = features @ head["kernel"] + head["bias"]
     source_labels = jnp.maximum(source_labels, 0)
     n = jnp.maximum(weights.sum(), 1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, source_labels)

@@ -92,7 +92,9 @@ def make_loss_fn(config):
         config.model.target, config.model.num_classes, image_shape) if s.kind == "dense_kernel")
     source_weight = float(config.train.source_loss_weight)
 
-    def task_loss(hyper_params, task, head):
+    standardize = bool(config.train.source_head_standardize)
+
+    def task_loss(hyper_params, task, head, source_grad_scale):
         variables = predict(hyper_params, task["support"])
         query = task["query"]
         mask = query["mask"].astype(jnp.float32)
@@ -109,21 +111,23 @@ def make_loss_fn(config):
         if head is None:
             return loss, {"accuracy": accuracy}
         source_loss, source_accuracy = source_head.source_head_loss(
-            head, features, query["source_label"], query["mask"])
+            head, source_head.scale_gradient(features, source_grad_scale), query["source_label"],
+            query["mask"], standardize=standardize)
         return loss + source_weight * source_loss, {
             "accuracy": accuracy, "task_loss": loss, "source_loss": source_loss,
             "source_accuracy": source_accuracy}
 
-    def loss_fn(hyper_params, batch, head=None):
+    def loss_fn(hyper_params, batch, head=None, source_grad_scale=1.0):
         if head is not None and "source_label" not in batch["query"]:
             raise ValueError("a source head needs query sets with 'source_label' "
                              "(TaskSampler(source_labels=True)).")
         if config.train.task_loop == "vmap":
-            losses, metrics = jax.vmap(task_loss, in_axes=(None, 0, None))(hyper_params, batch, head)
+            losses, metrics = jax.vmap(task_loss, in_axes=(None, 0, None, None))(
+                hyper_params, batch, head, source_grad_scale)
         else:
             num_tasks = jax.tree.leaves(batch)[0].shape[0]
-            results = [task_loss(hyper_params, jax.tree.map(lambda x: x[i], batch), head)
-                       for i in range(num_tasks)]
+            results = [task_loss(hyper_params, jax.tree.map(lambda x: x[i], batch), head,
+                                 source_grad_scale) for i in range(num_tasks)]
             losses = jnp.stack([r[0] for r in results])
             metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *[r[1] for r in results])
         return losses.mean(), jax.tree.map(jnp.mean, metrics)
@@ -132,10 +136,13 @@ def make_loss_fn(config):
 
 
 def make_grad_fn(config, mesh=None):
-    """``(hyper_params, batch, head=None) -> ((loss, metrics), grads)``, averaged over the tasks.
+    """``(hyper_params, batch, head=None, source_grad_scale=1.0) -> ((loss, metrics), grads)``,
+    averaged over the tasks.
 
     ``grads`` has the structure of ``hyper_params``, or is ``(hyper_grads, head_grads)`` when a
-    source ``head`` is given (``make_loss_fn``).
+    source ``head`` is given (``make_loss_fn``). ``source_grad_scale`` multiplies the part of the
+    hypernetwork's gradient that comes from the source loss (``source_head.scale_gradient``; the
+    head's own gradient is unscaled): the train step ramps it over ``train.source_head_warmup_steps``.
 
     With a ``mesh``, it runs under ``jax.shard_map``: each device computes the loss on its own
     tasks and the gradients are averaged over the ``'data'`` axis (an all-reduce), so the result
@@ -144,12 +151,12 @@ def make_grad_fn(config, mesh=None):
     loss_fn = make_loss_fn(config)
     axis = parallel.DATA_AXIS
 
-    def local_grads(trainable, batch):
+    def local_grads(trainable, batch, source_grad_scale):
         # The mean over devices goes *inside* the differentiated function: shard_map tracks that
         # params are replicated, so their gradient is summed over devices by the transpose of the
         # implicit broadcast; differentiating the global mean loss makes that sum the right one.
         def global_loss(t):
-            loss, aux = loss_fn(t[0], batch, t[1])
+            loss, aux = loss_fn(t[0], batch, t[1], source_grad_scale)
             if mesh is None:
                 return loss, aux
             return jax.lax.pmean(loss, axis), jax.lax.pmean(aux, axis)
@@ -157,10 +164,12 @@ def make_grad_fn(config, mesh=None):
         return jax.value_and_grad(global_loss, has_aux=True)(trainable)
 
     if mesh is not None:
-        local_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axis)), out_specs=P())
+        local_grads = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(axis), P()),
+                                    out_specs=P())
 
-    def grad_fn(hyper_params, batch, head=None):
-        value, grads = local_grads((hyper_params, head), batch)
+    def grad_fn(hyper_params, batch, head=None, source_grad_scale=1.0):
+        value, grads = local_grads((hyper_params, head), batch,
+                                   jnp.asarray(source_grad_scale, jnp.float32))
         return value, (grads if head is not None else grads[0])
 
     return grad_fn
@@ -179,7 +188,8 @@ def make_train_step(config, mesh=None):
 
     def train_step(state: TrainState, batch):
         head = state.source_head
-        (loss, aux), grads = grad_fn(state.params, batch, head)
+        source_grad_scale = source_head.hypernet_gradient_scale(config, state.step)
+        (loss, aux), grads = grad_fn(state.params, batch, head, source_grad_scale)
         head_grads = None
         if head is not None:
             grads, head_grads = grads
@@ -194,6 +204,7 @@ def make_train_step(config, mesh=None):
             new_state = new_state.replace(source_head=optax.apply_updates(head, head_updates),
                                           source_head_opt_state=head_opt_state)
             finite = finite & jnp.isfinite(optax.tree.norm(head_grads))
+            aux = {**aux, "source_grad_scale": source_grad_scale}
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux,
                    "learning_rate": schedule(state.step), "finite": finite.astype(jnp.float32)}

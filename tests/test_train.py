@@ -135,6 +135,69 @@ def test_source_head_loss_ignores_images_without_a_source_label():
     assert np.isfinite(float(loss))
 
 
+def test_standardized_source_head_ignores_the_feature_scale_and_unlabelled_rows():
+    """train.source_head_standardize: the head reads features centred and divided by one RMS
+    over the labelled rows, so scaling or shifting a task's features changes nothing, while the
+    raw head does see the scale; unlabelled rows do not move the statistics."""
+    from pudnet_jax import source_head
+
+    rng = np.random.default_rng(1)
+    head = {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=5), jnp.float32)}
+    features = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+    labels = jnp.array([0, 3, -1, 4, 2, 2, 1, 0])
+    mask = jnp.array([True, True, True, True, True, True, True, False])
+    loss = source_head.source_head_loss(head, features, labels, mask, standardize=True)[0]
+    moved = source_head.source_head_loss(head, 7.0 * features + 3.0, labels, mask, standardize=True)[0]
+    np.testing.assert_allclose(moved, loss, rtol=1e-5)
+    raw = source_head.source_head_loss(head, features, labels, mask)[0]
+    raw_moved = source_head.source_head_loss(head, 7.0 * features + 3.0, labels, mask)[0]
+    assert abs(float(raw_moved) - float(raw)) > 0.1
+    # Rows 2 (no source label) and 7 (masked) may hold anything.
+    junk = features.at[2].set(1e3).at[7].set(-1e3)
+    np.testing.assert_allclose(
+        source_head.source_head_loss(head, junk, labels, mask, standardize=True)[0], loss, rtol=1e-5)
+    standardized = source_head.standardize_features(features, jnp.ones(8))
+    np.testing.assert_allclose(np.asarray(standardized).mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.sqrt(np.mean(np.asarray(standardized) ** 2)), 1.0, rtol=1e-4)
+
+
+def test_source_head_warmup_ramps_only_the_hypernetwork_gradient(tiny_config):
+    """train.source_head_warmup_steps: at scale 0 the hypernetwork's gradient is the episodic one
+    (the source loss cannot reach it) while the head's gradient is unchanged; at scale 1 it is
+    the full gradient; the train step ramps the scale linearly with the step."""
+    from pudnet_jax import source_head
+
+    config = _small_run_config(tiny_config)
+    config.data.tasks_per_batch = 1
+    config.train.source_loss_weight = 1.0
+    config.train.source_head_standardize = True
+    sampler = make_sampler(config)
+    config.train.num_source_classes = sampler.num_source_classes
+    batch = jax.tree.map(np.asarray, sampler.batch(0))
+    state = create_train_state(config, jax.random.key(0))
+    grad_fn = jax.jit(make_grad_fn(config))
+    (loss0, _), (hyper0, head0) = grad_fn(state.params, batch, state.source_head, 0.0)
+    (loss1, _), (hyper1, head1) = grad_fn(state.params, batch, state.source_head, 1.0)
+    (_, _), plain = grad_fn(state.params, batch)
+    np.testing.assert_allclose(loss0, loss1, rtol=1e-6)  # the forward pass does not change
+    for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(head1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    norm = float(optax.tree.norm(plain))
+    gap0 = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper0, plain)))
+    gap1 = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper1, plain)))
+    assert gap0 < 1e-4 * norm and gap1 > 1e-3 * norm, (gap0, gap1, norm)
+
+    config.train.source_head_warmup_steps = 4
+    scales = [float(source_head.hypernet_gradient_scale(config, s)) for s in (0, 2, 4, 9)]
+    assert scales == [0.0, 0.5, 1.0, 1.0]
+    config.train.source_head_warmup_steps = 0
+    assert float(source_head.hypernet_gradient_scale(config, 0)) == 1.0
+    config.train.source_head_warmup_steps = 4
+    state, metrics = jax.jit(make_train_step(config))(state, batch)
+    assert float(metrics["source_grad_scale"]) == 0.0
+
+
 def test_train_way_widens_meta_training_tasks_only(tiny_config):
     """data.train_way: 8-way meta-training tasks; meta-val and test tasks stay data.way."""
     from pudnet_jax.train import Validator, make_test_tasks
