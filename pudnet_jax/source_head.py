@@ -80,10 +80,14 @@ def standardize_features(features, weights):
     a head shared by all tasks reads raw features on a scale that jumps from task to task. That
     is one suspect for the head that did not learn in sessions 13 and 15.
     """
-    n = jnp.maximum(weights.sum(), 1.0)
+    total = weights.sum()
+    n = jnp.maximum(total, 1.0)
     mean = (features * weights[:, None]).sum(0) / n
     centred = (features - mean) * weights[:, None]
     scale = jnp.sqrt(jnp.sum(centred**2) / (n * features.shape[-1]) + 1e-8)
+    # No labelled row: nothing to standardise over; keep the scale at 1 so the (fully masked)
+    # rows stay finite instead of being divided by sqrt(1e-8).
+    scale = jnp.where(total > 0, scale, 1.0)
     return (features - mean) / scale
 
 
@@ -106,11 +110,14 @@ def hypernet_gradient_scale(config, step):
     return jnp.clip(jnp.asarray(step, jnp.float32) / warmup, 0.0, 1.0)
 
 
-def source_head_loss(head: dict, features, source_labels, mask, standardize: bool = False):
-    """Masked mean cross-entropy and accuracy of the head on ``features [N, D]``.
+def source_head_sums(head: dict, features, source_labels, mask, standardize: bool = False):
+    """``(cross-entropy sum, correct count, labelled count)`` of the head on ``features [N, D]``.
 
-    Rows with ``source_labels < 0`` (images the sampler gives no source label:
-    ``train.source_head_datasets``, ``train.source_head_upright_only``) count as masked.
+    Sums, not means: a task can hold no labelled row at all (an Omniglot task when
+    ``train.source_head_datasets`` leaves Omniglot out), and a per-task mean would give it loss 0,
+    diluting the loss by the share of such tasks in the batch. The caller divides the batch's
+    totals (``make_loss_fn``). Rows with ``source_labels < 0`` (images the sampler gives no source
+    label: ``train.source_head_datasets``, ``train.source_head_upright_only``) count as masked.
     ``standardize`` (``train.source_head_standardize``) reads the features through
     ``standardize_features`` over the labelled rows.
     """
@@ -119,7 +126,13 @@ def source_head_loss(head: dict, features, source_labels, mask, standardize: boo
         features = standardize_features(features, weights)
     logits = features @ head["kernel"] + head["bias"]
     source_labels = jnp.maximum(source_labels, 0)
-    n = jnp.maximum(weights.sum(), 1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, source_labels)
     correct = (jnp.argmax(logits, -1) == source_labels).astype(jnp.float32)
-    return (ce * weights).sum() / n, (correct * weights).sum() / n
+    return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
+
+
+def source_head_loss(head: dict, features, source_labels, mask, standardize: bool = False):
+    """Masked mean cross-entropy and accuracy of the head over the labelled rows (``source_head_sums``)."""
+    ce, correct, count = source_head_sums(head, features, source_labels, mask, standardize)
+    n = jnp.maximum(count, 1.0)
+    return ce / n, correct / n

@@ -77,8 +77,10 @@ def make_loss_fn(config):
     """``loss(hyper_params, batch, head=None) -> (loss, metrics)`` averaged over the batch's tasks.
 
     With a source ``head`` (``pudnet_jax.source_head``; the batch's query sets then carry
-    'source_label'), each task's loss adds ``train.source_loss_weight`` times the head's
-    cross-entropy on the predicted backbone's query features.
+    'source_label'), the loss adds ``train.source_loss_weight`` times the head's cross-entropy on
+    the predicted backbone's query features, averaged over every labelled query image of the
+    batch (of all devices under a mesh: ``axis_name``), not per task, so tasks with no labelled
+    image do not dilute it.
 
     Tasks are looped over in Python (unrolled), not vmapped: under ``vmap`` every task's convs
     get their own predicted kernels, which XLA lowers to grouped convolutions, 20x slower on CPU
@@ -110,14 +112,12 @@ def make_loss_fn(config):
         loss, accuracy = (ce * mask).sum() / n, (correct * mask).sum() / n
         if head is None:
             return loss, {"accuracy": accuracy}
-        source_loss, source_accuracy = source_head.source_head_loss(
+        sums = source_head.source_head_sums(
             head, source_head.scale_gradient(features, source_grad_scale), query["source_label"],
             query["mask"], standardize=standardize)
-        return loss + source_weight * source_loss, {
-            "accuracy": accuracy, "task_loss": loss, "source_loss": source_loss,
-            "source_accuracy": source_accuracy}
+        return loss, {"accuracy": accuracy, "source_sums": jnp.stack(sums)}
 
-    def loss_fn(hyper_params, batch, head=None, source_grad_scale=1.0):
+    def loss_fn(hyper_params, batch, head=None, source_grad_scale=1.0, axis_name=None):
         if head is not None and "source_label" not in batch["query"]:
             raise ValueError("a source head needs query sets with 'source_label' "
                              "(TaskSampler(source_labels=True)).")
@@ -130,7 +130,18 @@ def make_loss_fn(config):
                                  source_grad_scale) for i in range(num_tasks)]
             losses = jnp.stack([r[0] for r in results])
             metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *[r[1] for r in results])
-        return losses.mean(), jax.tree.map(jnp.mean, metrics)
+        loss = losses.mean()
+        if head is None:
+            return loss, jax.tree.map(jnp.mean, metrics)
+        sums = metrics.pop("source_sums").sum(0)  # [ce, correct, count] over the local tasks
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        n = jnp.maximum(sums[2], 1.0)
+        source_loss, source_accuracy = sums[0] / n, sums[1] / n
+        metrics = {**jax.tree.map(jnp.mean, metrics), "task_loss": loss,
+                   "source_loss": source_loss, "source_accuracy": source_accuracy,
+                   "source_labelled": sums[2]}
+        return loss + source_weight * source_loss, metrics
 
     return loss_fn
 
@@ -156,7 +167,8 @@ def make_grad_fn(config, mesh=None):
         # params are replicated, so their gradient is summed over devices by the transpose of the
         # implicit broadcast; differentiating the global mean loss makes that sum the right one.
         def global_loss(t):
-            loss, aux = loss_fn(t[0], batch, t[1], source_grad_scale)
+            loss, aux = loss_fn(t[0], batch, t[1], source_grad_scale,
+                                axis_name=None if mesh is None else axis)
             if mesh is None:
                 return loss, aux
             return jax.lax.pmean(loss, axis), jax.lax.pmean(aux, axis)

@@ -116,6 +116,48 @@ def test_source_loss_reaches_the_hypernetwork_and_trains_its_head(tiny_config):
     assert losses[-1] < losses[0], losses
 
 
+def test_source_loss_is_a_mean_over_the_labelled_images_of_the_whole_batch(tiny_config):
+    """Tasks with no source-labelled image (an Omniglot task when the head leaves Omniglot out)
+    neither dilute the source loss nor move it: a batch of 4 tasks, 2 of them unlabelled, has
+    the source loss, accuracy and labelled count of the 2 labelled tasks alone; on a 4-device
+    mesh (one task per device, so two devices hold no labelled image) loss, metrics and gradients
+    equal the single-device ones."""
+    config = _small_run_config(tiny_config)
+    config.train.source_loss_weight = 1.0
+    config.train.source_head_standardize = True
+    sampler = make_sampler(config)
+    config.train.num_source_classes = sampler.num_source_classes
+    batch = jax.tree.map(np.asarray, sampler.batch(0))
+    labels = batch["query"]["source_label"].copy()
+    labels[[1, 3]] = -1
+    batch["query"]["source_label"] = labels
+    labelled_only = jax.tree.map(lambda x: x[[0, 2]], batch)
+    head = create_train_state(config, jax.random.key(0)).source_head
+    params = create_train_state(config, jax.random.key(0)).params
+    grad_fn = jax.jit(make_grad_fn(config))
+    (loss, metrics), _ = grad_fn(params, batch, head)
+    (_, metrics_2), _ = grad_fn(params, labelled_only, head)
+    expected = int((batch["query"]["mask"] & (labels >= 0)).sum())
+    assert int(metrics["source_labelled"]) == int(metrics_2["source_labelled"]) == expected > 0
+    np.testing.assert_allclose(metrics["source_loss"], metrics_2["source_loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["source_accuracy"], metrics_2["source_accuracy"])
+    np.testing.assert_allclose(loss, metrics["task_loss"] + metrics["source_loss"], rtol=1e-5)
+
+    mesh = parallel.make_mesh(jax.devices())
+    sharded = jax.jit(make_grad_fn(config, mesh))
+    (loss_4, metrics_4), grads_4 = jax.device_get(sharded(
+        jax.device_put(params, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh),
+        jax.device_put(head, parallel.replicated(mesh))))
+    (_, _), grads_1 = grad_fn(params, batch, head)
+    np.testing.assert_allclose(loss_4, loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics_4["source_loss"], metrics["source_loss"], rtol=1e-5)
+    assert int(metrics_4["source_labelled"]) == expected
+    for part_1, part_4 in zip(grads_1, grads_4):  # hypernetwork, then head
+        flat_1, flat_4 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+                          for g in (part_1, part_4))
+        assert np.linalg.norm(flat_1 - flat_4) < 2e-3 * np.linalg.norm(flat_1)
+
+
 def test_source_head_loss_ignores_images_without_a_source_label():
     """Rows labelled -1 (no source label: another pool, or a rotated copy) and masked rows change
     neither the loss nor the accuracy: the result is that of the labelled rows alone."""
