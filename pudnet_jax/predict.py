@@ -67,6 +67,10 @@ def make_predict_fn(config, num_classes: int | None = None,
         labels = jnp.asarray(dataset_batch["label"], jnp.int32)
         mask = dataset_batch.get("mask")
         mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask, bool)
+        # Padding may hold anything, NaN included (its values are not checked): zero it once here
+        # so that no later path (encoder, BatchNorm pass, chunked pass, classifier solve) has to
+        # keep NaN out of its masked sums on its own (0 * NaN is NaN).
+        images = jnp.where(mask[:, None, None, None], images, 0.0)
         if mirror:
             images, labels, mask = with_mirror_images(images, labels, mask)
         if chunk_size is not None and images.shape[0] > chunk_size:
@@ -164,9 +168,21 @@ class Predictor:
         return {**variables, "preprocess": {"mean": jnp.asarray(mean), "std": jnp.asarray(std)}}
 
     def apply(self, variables: Variables, images, batch_size: int = 1000) -> jax.Array:
-        """Logits ``[N, K]`` of the predicted network on raw images (evaluated in chunks)."""
+        """Logits ``[N, K]`` of the predicted network on raw images (evaluated in chunks).
+
+        ``variables`` must come from ``Predictor.predict`` (they carry the support's pixel
+        statistics under 'preprocess', which raw images are standardised with).
+        """
+        if not isinstance(variables, Mapping) or not {"params", "batch_stats", "preprocess"} <= set(variables):
+            keys = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+            raise ValueError("Predictor.apply needs the variables returned by Predictor.predict "
+                             f"('params', 'batch_stats', 'preprocess'); got {keys}. Variables from "
+                             "make_predict_fn lack 'preprocess': apply them with the target's own "
+                             "apply on standardised images.")
         num_classes = variables["params"]["Dense_0"]["bias"].shape[0]
         x = preprocess_images(images, self.image_size, self.channels)
+        if len(x) == 0:
+            raise ValueError("Predictor.apply got no images (N = 0).")
         pre = variables["preprocess"]
         x = (x - np.asarray(pre["mean"])) / np.asarray(pre["std"])
         if ("apply", num_classes) not in self._compiled:

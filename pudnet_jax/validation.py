@@ -26,8 +26,9 @@ def check_dataset_batch(batch: Mapping, num_classes: int | None = None,
     Args:
       batch: ``{'image', 'label', 'mask'?}``, see ``EXPECTED_FORM``.
       num_classes: if given, labels must lie in ``0..num_classes-1``.
-      image_shape: if given, images must be exactly ``[N, *image_shape]`` (the preprocessed input
-        of the jitted predict function); otherwise any ``H, W`` and ``C`` in {1, 3} are accepted.
+      image_shape: if given, images must be float and exactly ``[N, *image_shape]`` (the
+        preprocessed input of the jitted predict function); otherwise uint8 or float images of
+        any ``H, W`` and ``C`` in {1, 3} are accepted.
 
     Raises:
       ValueError: naming the problem and the expected form.
@@ -53,6 +54,12 @@ def check_dataset_batch(batch: Mapping, num_classes: int | None = None,
     dtype = np.dtype(images.dtype)
     if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
         raise ValueError(f"'image' dtype must be uint8 or floating; got {dtype}.")
+    if image_shape is not None and not np.issubdtype(dtype, np.floating):
+        # The predict fn reads standardised float input; uint8 0..255 pixels would be read as
+        # values 100x too large and give meaningless parameters without any error.
+        raise ValueError(f"'image' must be float (preprocessed and standardised target input) for "
+                         f"the predict fn; got {dtype}. Use the Predictor for raw uint8 images, or "
+                         "data.to_model_input + data.normalize first.")
     if not np.issubdtype(np.dtype(labels.dtype), np.integer):
         raise ValueError(f"'label' must be an integer array; got dtype {labels.dtype}. "
                          "Convert class ids with labels.astype(np.int32).")

@@ -162,6 +162,8 @@ PREDICT_FN_CASES = {
                    "shape [N, 32, 32, 3]"),
     "wrong size": (_with(_B, image=_B["image"][:, :28, :28]), "shape [N, 32, 32, 3]"),
     "integer images": (_with(_B, image=_B["image"].astype(np.int32)), "dtype must be uint8 or floating"),
+    "raw uint8 images": (_with(_B, image=np.zeros(_B["image"].shape, np.uint8)),
+                         "'image' must be float (preprocessed and standardised target input)"),
     "NaN pixel": (_with(_B, image=np.where(np.arange(20)[:, None, None, None] == 3, np.nan, _B["image"])),
                   "NaN or infinite"),
     "inf pixel": (_with(_B, image=np.full_like(_B["image"], np.inf)), "NaN or infinite"),
@@ -197,8 +199,15 @@ def test_jitted_predict_rejects_bad_shapes_while_tracing(config, hyper_params):
 
 def test_valid_batch_with_padding_gives_finite_variables(config, hyper_params):
     batch = _with(_B, mask=np.arange(20) < 15)
-    variables = jax.jit(make_predict_fn(config))(hyper_params, batch)
+    predict = jax.jit(make_predict_fn(config))
+    variables = predict(hyper_params, batch)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+    # Padding may hold anything, NaN and inf included (masked rows are not value-checked):
+    # the prediction is that of the same batch with finite padding.
+    poisoned = _with(batch, image=np.where((np.arange(20) >= 15)[:, None, None, None],
+                                           np.nan, batch["image"]).astype(np.float32))
+    poisoned["image"][19] = np.inf
+    chex.assert_trees_all_close(predict(hyper_params, poisoned), variables, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------- bad input: Predictor
@@ -243,6 +252,11 @@ def test_predictor_accepts_lists_any_size_and_more_classes_than_configured(expor
         predictor.apply(variables, np.zeros((2, 28, 28, 4), np.uint8))
     with pytest.raises(ValueError, match="NaN or infinite"):
         predictor.apply(variables, np.full((2, 28, 28, 1), np.nan, np.float32))
+    with pytest.raises(ValueError, match="no images"):
+        predictor.apply(variables, np.zeros((0, 28, 28, 1), np.uint8))
+    bare = {k: v for k, v in variables.items() if k != "preprocess"}
+    with pytest.raises(ValueError, match="variables returned by Predictor.predict"):
+        predictor.apply(bare, np.zeros((2, 28, 28, 1), np.uint8))
 
 
 # ------------------------------------------------------- bad input: checkpoints and configs
