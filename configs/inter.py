@@ -7,9 +7,9 @@ Commands (from the repo root):
   python -m pudnet_jax.main --config=configs/inter.py:quick --workdir=/tmp/quick_inter
 
 Arguments: the held-out dataset (cifar10 [default], fashion_mnist, gtsrb, omniglot); ``quick``;
-``size=gpu`` (ResNet-18 target). Meta-training draws 10-way tasks from the other datasets; the
-held-out one is predicted whole from ``predict_shots`` (100) training images per class and scored
-on its full test split.
+``size=gpu`` (ResNet-18 target). Meta-training draws 5- to 10-way tasks (``data.min_way`` to
+``data.way``) from the other datasets; the held-out one is predicted whole from ``predict_shots``
+(100) training images per class and scored on its full test split.
 """
 
 from configs.common import apply_size_and_quick, base_config, parse_arg

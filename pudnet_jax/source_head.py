@@ -38,7 +38,7 @@ def sampler_options(config) -> dict:
     """``TaskSampler`` keywords choosing which query images get a source label.
 
     ``train.source_head_datasets`` ('' = every pool; e.g. 'gtsrb,fashion_mnist' leaves Omniglot's
-    1,623 characters out) and ``train.source_head_upright_only`` (only unrotated images, one class
+    characters out) and ``train.source_head_upright_only`` (only unrotated images, one class
     per original class). Saved configs from before these fields existed get the label-everything
     defaults from ``checkpoints.upgrade_legacy_config``.
     """

@@ -290,7 +290,13 @@ class Validator:
                 pools.append(data.ClassPool(test, tuple(test.class_indices)))
             sampler = data.TaskSampler(pools, way=d.way, shots=d.shots, queries=d.queries,
                                        tasks_per_batch=d.tasks_per_batch, seed=10**6 + d.eval_task_seed)
-            self.batches = [sampler.batch(i) for i in range(max(1, d.num_val_tasks // d.tasks_per_batch))]
+            # Exactly num_val_tasks tasks, one per batch (so the count need not divide by
+            # tasks_per_batch); drawn as the sampler's batches of tasks_per_batch, so they are the
+            # tasks that earlier runs' meta-val scores were computed on.
+            per_batch = d.tasks_per_batch
+            count = max(1, d.num_val_tasks)
+            self.batches = [jax.tree.map(lambda x, t=t: x[t:t + 1], sampler.batch(i))
+                            for i in range(-(-count // per_batch)) for t in range(per_batch)][:count]
             self._loss = jax.jit(make_loss_fn(config))
 
     def __call__(self, hyper_params) -> float:

@@ -257,6 +257,34 @@ def test_train_way_widens_meta_training_tasks_only(tiny_config):
     assert all(t.num_classes == 5 for t in Validator(config, TaskEvaluator(config)).tasks)
 
 
+def test_inter_meta_val_scores_exactly_num_val_tasks_tasks(tiny_config):
+    """inter: data.num_val_tasks need not divide by tasks_per_batch (3 tasks in batches of 2: all
+    3 are scored, not 2); a longer list extends a shorter one (the same fixed tasks), and the
+    score is the mean of the per-task accuracies."""
+    from configs.inter import get_config
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import Validator
+
+    config = get_config()
+    for field in ("encoder_widths", "feature_dim", "sketch_dim", "hidden_dim", "code_rank"):
+        config.hyper[field] = tiny_config.hyper[field]
+    config.data.way = config.data.min_way = config.model.num_classes = 5
+    config.data.shots, config.data.queries, config.data.tasks_per_batch = 2, 2, 2
+    validators = []
+    for count in (3, 4):
+        config.data.num_val_tasks = count
+        validators.append(Validator(config, TaskEvaluator(config)))
+    three, four = validators
+    assert len(three.batches) == 3 and len(four.batches) == 4
+    assert all(b["support"]["label"].shape[0] == 1 for b in four.batches)
+    for a, b in zip(three.batches, four.batches):
+        np.testing.assert_array_equal(a["query"]["image"], b["query"]["image"])
+    assert not np.array_equal(four.batches[2]["query"]["image"], four.batches[3]["query"]["image"])
+    params = create_train_state(config, jax.random.key(0)).params
+    per_task = [float(three._loss(params, b)[1]["accuracy"]) for b in three.batches]
+    np.testing.assert_allclose(three(params), np.mean(per_task), rtol=1e-6)
+
+
 def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     """Killed at step 2 and resumed: the same parameters bit for bit, the source head and every
     optimiser state included (the run trains with the auxiliary source loss, so all of the
