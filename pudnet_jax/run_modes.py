@@ -20,10 +20,12 @@ def evaluate_workdir(config, workdir: str) -> dict:
     from pudnet_jax.train import final_evaluation
 
     # Restore first: a missing workdir raises FileNotFoundError instead of being created empty.
-    params, _ = checkpoints.restore_hyper_params(workdir, config)
+    params, info = checkpoints.restore_hyper_params(workdir, config)
     ckpt = checkpoints.RunCheckpoints(workdir)
     try:
-        return final_evaluation(config, workdir, params, TaskEvaluator(config), ckpt)
+        # info names the checkpoint restored (a run stopped early has no best/, and its latest
+        # step is not the schedule's last): results.json must record that one.
+        return final_evaluation(config, workdir, params, TaskEvaluator(config), ckpt, last_info=info)
     finally:
         ckpt.close()
 

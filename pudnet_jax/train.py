@@ -472,9 +472,14 @@ def _set_num_source_classes(config, count: int) -> None:
     config.train.num_source_classes = count
 
 
-def final_evaluation(config, workdir, last_params, evaluator, ckpt) -> dict:
-    """Evaluates the best (meta-val) params on the fixed unseen tasks; writes results.json."""
-    params, info = last_params, {"step": int(config.train.num_steps), "source": "last"}
+def final_evaluation(config, workdir, last_params, evaluator, ckpt, last_info=None) -> dict:
+    """Evaluates the best (meta-val) params on the fixed unseen tasks; writes results.json.
+
+    Without a best checkpoint it scores ``last_params``, recorded in results.json as
+    ``last_info`` (default: the last step of the schedule, for the end of a training run).
+    """
+    params = last_params
+    info = last_info or {"step": int(config.train.num_steps), "source": "last"}
     if ckpt.best.latest_step() is not None:
         params, info = checkpoints.restore_hyper_params(workdir, config)
     tasks = make_test_tasks(config)

@@ -298,6 +298,12 @@ def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     interrupted = tmp_path / "b"
     stopped = train_and_evaluate(config, str(interrupted), stop_after=2)
     assert stopped["stopped_at"] == 2
+    # --mode=evaluate on the stopped run (no best/: eval_every=0) records the step it scored.
+    from pudnet_jax.run_modes import evaluate_workdir
+
+    evaluated = evaluate_workdir(config, str(interrupted))
+    assert evaluated["hyper_params_from"] == {"step": 2, "source": "latest"}
+    os.remove(interrupted / "results.json")
     train_and_evaluate(config, str(interrupted), stop_after=4)
 
     from pudnet_jax.checkpoints import restore_hyper_params
