@@ -29,8 +29,10 @@ import orbax.checkpoint as ocp
 
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
 
-# The config sections that fix the hypernetwork's parameter shapes; a checkpoint can only be
-# restored under a config that agrees on these.
+# The config sections that define the hypernetwork: its parameter shapes and what the parameters
+# mean (the classifier, ridge strength, encoder input). A workdir resumes only under a config that
+# agrees on all of them, even those that leave the shapes alone: a resumed run must keep
+# optimising the same function. (Warm starts, train.init_from, check shapes only.)
 ARCHITECTURE_FIELDS = ("hyper",)
 ARCHITECTURE_MODEL_FIELDS = ("image_size", "channels")
 

@@ -410,6 +410,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=config.train.tensorboard)
     bar = _progress(config, start, num_steps)
     metrics, t_last, step = {}, time.perf_counter(), start
+    logged_step = start
 
     def save(step):
         ckpt.save(step, state, meta)
@@ -431,9 +432,11 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
                                 if bar.format_dict.get("rate") else "-")
             if step % config.train.log_every == 0 or step == last:
                 now = time.perf_counter()
-                steps_done = step % config.train.log_every or config.train.log_every
+                # Steps since the last write (not log_every: the first window after a resume
+                # is shorter).
+                steps_done = step - logged_step
                 tasks_per_s = steps_done * config.data.tasks_per_batch / max(now - t_last, 1e-9)
-                t_last = now
+                t_last, logged_step = now, step
                 writer.write(step, {k: v for k, v in metrics.items() if k != "finite"}
                              | {"tasks_per_second": tasks_per_s})
             if validate and (step % config.train.eval_every == 0 or step == num_steps):
