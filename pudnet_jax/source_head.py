@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pudnet_jax.hypernet.ridge import centre_and_scale
 from pudnet_jax.models import get_target
 
 
@@ -80,14 +81,8 @@ def standardize_features(features, weights):
     a head shared by all tasks reads raw features on a scale that jumps from task to task. That
     is one suspect for the head that did not learn in sessions 13 and 15.
     """
-    total = weights.sum()
-    n = jnp.maximum(total, 1.0)
-    mean = (features * weights[:, None]).sum(0) / n
-    centred = (features - mean) * weights[:, None]
-    scale = jnp.sqrt(jnp.sum(centred**2) / (n * features.shape[-1]) + 1e-8)
-    # No labelled row: nothing to standardise over; keep the scale at 1 so the (fully masked)
-    # rows stay finite instead of being divided by sqrt(1e-8).
-    scale = jnp.where(total > 0, scale, 1.0)
+    # With no labelled row the scale is 1, so the (fully masked) rows stay finite.
+    mean, _, scale = centre_and_scale(features, weights)
     return (features - mean) / scale
 
 

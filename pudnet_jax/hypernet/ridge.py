@@ -23,6 +23,22 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_RIDGE_LAMBDA = 0.01
 
 
+def centre_and_scale(features, weight):
+    """``(mean [D], centred [N, D], scale)`` of ``features [N, D]`` under row weights ``weight [N]``.
+
+    ``mean`` is the weighted mean, ``centred`` the features minus it with rows of weight 0 zeroed,
+    ``scale`` one root mean square over all weighted entries and dimensions (1 when no row has
+    weight: there is nothing to measure). Shared by the ridge solve and the source head's
+    standardised input (``pudnet_jax.source_head.standardize_features``).
+    """
+    total = weight.sum()
+    n = jnp.maximum(total, 1.0)
+    mean = (features * weight[:, None]).sum(0) / n
+    centred = (features - mean) * weight[:, None]
+    scale = jnp.sqrt(jnp.sum(centred**2) / (n * features.shape[-1]) + 1e-8)
+    return mean, centred, jnp.where(total > 0, scale, 1.0)
+
+
 def ridge_classifier(features, labels, mask, num_classes: int, ridge_lambda: float):
     """Dense ``kernel [D, K]`` and ``bias [K]`` minimising the ridge loss on the masked rows.
 
@@ -42,9 +58,7 @@ def ridge_classifier(features, labels, mask, num_classes: int, ridge_lambda: flo
     weight = mask.astype(dtype)
     n = jnp.maximum(weight.sum(), 1.0)
     dim = features.shape[-1]
-    mean = (features * weight[:, None]).sum(0) / n
-    centred = (features - mean) * weight[:, None]
-    scale = jnp.sqrt(jnp.sum(centred**2) / (n * dim) + 1e-8)
+    mean, centred, scale = centre_and_scale(features, weight)
     x = centred / scale
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=dtype) * weight[:, None]
     y_mean = one_hot.sum(0) / n
