@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (ProtoNets train Omniglot with more ways than they test); model.num_classes must hold it.
     c.data.train_way = 0
     c.data.shots = 5  # support images per class the hypernetwork sees in meta-training
+    # >0: meta-training tasks take this many support images per class (each source capped at what
+    # its smallest class holds after the queries: Omniglot's 20 drawings give 10 with 10 queries),
+    # while validation tasks keep `shots`; closer to evaluation's `predict_shots`.
+    c.data.train_shots = 0
     c.data.queries = 5  # query images per class for the meta-training loss
     c.data.tasks_per_batch = 4
     c.data.augment = False

@@ -258,7 +258,9 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
     way = (d.min_way, max_way) if d.min_way else max_way
     offset, tasks = (distributed.process_task_range(d.tasks_per_batch) if process_share
                      else (0, d.tasks_per_batch))
-    return data.TaskSampler(pools, way=way, shots=d.shots, queries=d.queries, tasks_per_batch=tasks,
+    train_shots = d.get("train_shots", 0)
+    return data.TaskSampler(pools, way=way, shots=train_shots or d.shots, queries=d.queries,
+                            cap_shots=train_shots > 0, tasks_per_batch=tasks,
                             seed=config.seed * 1000, augment=d.augment, task_offset=offset,
                             cross_source_prob=d.get("cross_source_prob", 0.0),
                             source_labels=source_head.enabled(config),

@@ -541,3 +541,38 @@ def test_source_labels_can_leave_pools_and_rotated_copies_out():
     assert {d for d, _ in seen['upright']} == {'fashion_mnist', 'gtsrb'}
     with pytest.raises(ValueError, match='source_label_datasets must name'):
         data.TaskSampler(pools, **kwargs, source_labels=True, source_label_datasets=['cifar10'])
+
+
+@pytest.mark.parametrize('cross_source_prob', [0.0, 1.0])
+def test_cap_shots_gives_a_small_pool_fewer_support_images_and_leaves_the_others_alone(cross_source_prob):
+    """cap_shots: a pool of 6-image classes with 3 queries gives 3 support images per class (the
+    rest of the class's 8 rows padded); a pool that holds the shots draws exactly its uncapped tasks."""
+    small, big = _fake_prepared(4, 6, name='omniglot'), _fake_prepared(5, 12, name='gtsrb')
+    pools = [data.ClassPool(small, (0, 1, 2, 3)), data.ClassPool(big, (0, 1, 2, 3, 4))]
+    with pytest.raises(ValueError, match=r'fewer than shots \+ queries = 11 images \(cap_shots'):
+        data.TaskSampler(pools, way=3, shots=8, queries=3, tasks_per_batch=4, seed=0)
+    kwargs = dict(way=3, shots=8, queries=3, tasks_per_batch=8, seed=1,
+                  cross_source_prob=cross_source_prob)
+    capped = data.TaskSampler(pools, cap_shots=True, **kwargs)
+    assert capped.pool_shots == [3, 8] and capped.num_support == 3 * 8
+    batch, info = capped.batch(2, return_info=True)
+    seen_small = False
+    for t, task in enumerate(info):
+        per = 3 if 'omniglot' in task['dataset'] else 8
+        seen_small |= per == 3
+        support = batch['support']
+        assert support['mask'][t].sum() == len(task['support_indices']) == 3 * per
+        np.testing.assert_array_equal(support['label'][t, :3 * per], np.repeat(np.arange(3), per))
+        assert not support['mask'][t, 3 * per:].any() and not support['image'][t, 3 * per:].any()
+        assert batch['query']['mask'][t].sum() == 9
+        for j in range(3):  # support and query of a class never share an image
+            assert not (set(task['support_indices'][per * j:per * (j + 1)])
+                        & set(task['query_indices'][3 * j:3 * (j + 1)]))
+    assert seen_small
+    # The big pool alone holds 8 shots: capping changes nothing there.
+    alone = dict(kwargs, cross_source_prob=0.0)
+    plain = data.TaskSampler(pools[1:], **alone).batch(5)
+    np.testing.assert_array_equal(data.TaskSampler(pools[1:], cap_shots=True, **alone).batch(5)['support']['image'],
+                                  plain['support']['image'])
+    with pytest.raises(ValueError, match='fewer than shots'):  # 6 images, 6 queries: no support left
+        data.TaskSampler(pools, way=3, shots=8, queries=6, tasks_per_batch=1, seed=0, cap_shots=True)

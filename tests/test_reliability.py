@@ -332,6 +332,10 @@ def test_data_loaders_missing_truncated_or_short_npz(tmp_path, fake_data, config
     cfg.data.shots, cfg.data.queries = 15, 10
     with pytest.raises(ValueError, match="fewer than shots \\+ queries = 25 images"):
         train.make_sampler(cfg)
+    # data.train_shots asks for 15 in meta-training: capped at the 10 that the queries leave.
+    cfg.data.shots, cfg.data.train_shots = 5, 15
+    sampler = train.make_sampler(cfg)
+    assert sampler.pool_shots == [10] and sampler.batch(0)["support"]["mask"][0].sum() == 10 * cfg.data.way
 
 
 def test_batch_format_helpers_reject_bad_labels():

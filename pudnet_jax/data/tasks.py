@@ -149,6 +149,7 @@ class _TaskPlan:
     query: np.ndarray  # [K*Q]
     class_pools: np.ndarray | None = None  # [K] pool of each class (cross-source tasks only)
     virtual: np.ndarray | None = None  # [K] each class's index among its pool's (rotated) classes
+    shots: int = 0  # support images per class of this task (TaskSampler(cap_shots=True): per pool)
 
 
 CROSS_SOURCE = -1  # _TaskPlan.pool of a task whose classes come from several pools
@@ -175,6 +176,13 @@ class TaskSampler:
 
     `source_labels=True` adds the query set's 'source_label' (module docstring); the task stream
     is unchanged (the ids come from draws the sampler makes anyway).
+
+    `cap_shots=True`: a pool whose smallest class cannot hold shots + queries images gives its
+    tasks as many support images per class as that class can after the queries (Omniglot's 20
+    drawings: 10 shots with 10 queries), instead of raising; the support keeps
+    `max_way * shots` rows and the missing ones are padding (mask False). A cross-source task
+    takes the smallest cap of its pools. Pools that hold `shots` draw exactly the tasks they
+    draw without the cap.
     """
 
     def __init__(self, pools: Sequence[ClassPool], way: int | tuple[int, int], shots: int,
@@ -182,7 +190,7 @@ class TaskSampler:
                  dataset_weights: Sequence[float] | Mapping[str, float] | None = None,
                  task_offset: int = 0, cross_source_prob: float = 0.0, source_labels: bool = False,
                  source_label_datasets: Sequence[str] | None = None,
-                 source_label_upright: bool = False):
+                 source_label_upright: bool = False, cap_shots: bool = False):
         if not pools:
             raise ValueError('TaskSampler needs at least one ClassPool')
         self.pools = tuple(pools)
@@ -204,11 +212,19 @@ class TaskSampler:
             if pool.data.images.shape[1:] != self.image_shape:
                 raise ValueError(f'all pools must share one image shape; {pool.name} has '
                                  f'{pool.data.images.shape[1:]}, expected {self.image_shape}')
-            short = [c for c in pool.classes
-                     if len(pool.data.class_indices[c]) < self.shots + self.queries]
-            if short:
+        # Support images per class of each pool's tasks: `shots`, or with cap_shots what the
+        # pool's smallest class holds after the queries.
+        self.pool_shots = []
+        for pool in self.pools:
+            smallest = min(len(pool.data.class_indices[c]) for c in pool.classes)
+            shots_here = min(self.shots, smallest - self.queries) if cap_shots else self.shots
+            if shots_here < 1 or smallest < shots_here + self.queries:
+                short = [c for c in pool.classes
+                         if len(pool.data.class_indices[c]) < shots_here + self.queries]
+                hint = '' if cap_shots else ' (cap_shots=True, data.train_shots in configs, caps the shots per pool)'
                 raise ValueError(f'{pool.name}: classes {short[:10]} have fewer than shots + '
-                                 f'queries = {self.shots + self.queries} images')
+                                 f'queries = {max(shots_here, 1) + self.queries} images{hint}')
+            self.pool_shots.append(int(shots_here))
         self.weights = self._normalised_weights(dataset_weights)
         if not 0.0 <= float(cross_source_prob) <= 1.0:
             raise ValueError(f'cross_source_prob must be in [0, 1]; got {cross_source_prob}')
@@ -276,13 +292,14 @@ class TaskSampler:
         pool_index = int(rng.choice(len(self.pools), p=self.weights))
         pool = self.pools[pool_index]
         k = min(int(rng.integers(self.min_way, self.max_way + 1)), pool.num_classes)
-        classes, rotations, picks, virtual = self._draw_classes(pool, k, rng)
-        return _TaskPlan(pool_index, classes, rotations, picks[:, :self.shots].ravel(),
-                         picks[:, self.shots:].ravel(), virtual=virtual)
+        shots = self.pool_shots[pool_index]
+        classes, rotations, picks, virtual = self._draw_classes(pool, k, shots, rng)
+        return _TaskPlan(pool_index, classes, rotations, picks[:, :shots].ravel(),
+                         picks[:, shots:].ravel(), virtual=virtual, shots=shots)
 
-    def _draw_classes(self, pool: ClassPool, k: int, rng: np.random.Generator):
-        """k distinct classes of `pool`: (original ids [k], quarter turns [k], image picks [k, S+Q],
-        virtual ids [k]: index among the pool's classes with rotated copies, 0..num_classes-1)."""
+    def _draw_classes(self, pool: ClassPool, k: int, shots: int, rng: np.random.Generator):
+        """k distinct classes of `pool`: (original ids [k], quarter turns [k], image picks
+        [k, shots+Q], virtual ids [k]: index among the pool's classes with rotated copies)."""
         # choice without replacement returns the classes in random order: that order is the
         # per-task label remapping (label j <-> classes[j]). Class j of the task is (original
         # class, quarter turns) = divmod(virtual id, rotations); with rotations=1 this draws
@@ -290,9 +307,9 @@ class TaskSampler:
         virtual = rng.choice(pool.num_classes, k, replace=False)
         classes = np.asarray(pool.classes)[virtual // pool.rotations]
         rotations = (virtual % pool.rotations) * (4 // pool.rotations)
-        picks = np.array([rng.choice(pool.data.class_indices[int(c)], self.shots + self.queries,
+        picks = np.array([rng.choice(pool.data.class_indices[int(c)], shots + self.queries,
                                      replace=False) for c in classes], dtype=np.int64)
-        return classes, rotations, picks.reshape(k, self.shots + self.queries), virtual  # k=0: [0, S+Q]
+        return classes, rotations, picks.reshape(k, shots + self.queries), virtual  # k=0: [0, S+Q]
 
     def _cross_source_plan(self, rng: np.random.Generator) -> _TaskPlan:
         capacity = np.array([p.num_classes if w > 0 else 0 for p, w in zip(self.pools, self.weights)])
@@ -301,14 +318,16 @@ class TaskSampler:
         for _ in range(k):  # slot by slot, so a full pool's share goes to the others
             open_weights = np.where(slots < capacity, self.weights, 0.0)
             slots[rng.choice(len(self.pools), p=open_weights / open_weights.sum())] += 1
-        drawn = [self._draw_classes(pool, int(count), rng) for pool, count in zip(self.pools, slots)]
+        shots = min((s for s, count in zip(self.pool_shots, slots) if count > 0), default=self.shots)
+        drawn = [self._draw_classes(pool, int(count), shots, rng)
+                 for pool, count in zip(self.pools, slots)]
         classes, rotations, picks, virtual = (np.concatenate(parts) for parts in zip(*drawn))
         pool_of = np.repeat(np.arange(len(self.pools)), slots)
         order = rng.permutation(len(classes))  # label order: pools interleaved, not in blocks
         picks = picks[order]
         return _TaskPlan(CROSS_SOURCE, classes[order], rotations[order],
-                         picks[:, :self.shots].ravel(), picks[:, self.shots:].ravel(),
-                         class_pools=pool_of[order], virtual=virtual[order])
+                         picks[:, :shots].ravel(), picks[:, shots:].ravel(),
+                         class_pools=pool_of[order], virtual=virtual[order], shots=shots)
 
     def _task_name(self, plan: _TaskPlan) -> str:
         if plan.pool != CROSS_SOURCE:
@@ -343,7 +362,7 @@ class TaskSampler:
         for t in range(t_count):
             rng = self._rng(step, t)
             plan = self._plan(rng)
-            for part, idx, per_class in (('support', plan.support, self.shots),
+            for part, idx, per_class in (('support', plan.support, plan.shots),
                                          ('query', plan.query, self.queries)):
                 images = self._task_images(plan, idx, per_class, rng)
                 out, n = batch[part], len(idx)
