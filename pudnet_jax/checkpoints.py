@@ -184,6 +184,17 @@ class RunCheckpoints:
         """Restores the latest state into ``abstract_state``'s structure and shardings."""
         return _restore_state(self.latest, self.workdir, self.latest.latest_step(), abstract_state)
 
+    def discard_best_after(self, step: int) -> None:
+        """Deletes best params saved after ``step`` (call on resume from ``step``).
+
+        A run killed between a best save and its next regular checkpoint leaves a best step
+        newer than the state it resumes from. The resumed run validates that step again (to the
+        same accuracy: resume is exact) and saves it again, which Orbax refuses for an existing
+        step; dropping it first also keeps best/ consistent with the restored metadata.
+        """
+        for newer in [s for s in self.best.all_steps() if s > step]:
+            self.best.delete(newer)
+
     def save_best(self, step: int, hyper_params: Any, meta: dict) -> None:
         self.best.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(hyper_params), meta=ocp.args.JsonSave(meta)), force=True)

@@ -363,6 +363,7 @@ def initial_train_state(config, mesh, ckpt: checkpoints.RunCheckpoints):
     if ckpt.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, meta = ckpt.restore(abstract)
+        ckpt.discard_best_after(int(state.step))
         print(f"Resumed from step {int(state.step)} in {ckpt.workdir}")
     elif config.train.init_from:
         params, info = checkpoints.restore_hyper_params(config.train.init_from, config)

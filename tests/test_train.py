@@ -408,3 +408,43 @@ def test_warm_start_from_another_architecture_is_refused(tiny_config, tmp_path):
     config.train.init_from = str(tmp_path / "source")
     with pytest.raises(ArchitectureMismatchError):
         initial_train_state(config, parallel.make_mesh(), RunCheckpoints(str(tmp_path / "new")))
+
+
+def test_resume_after_a_kill_between_a_best_save_and_the_next_checkpoint(tiny_config, tmp_path,
+                                                                          monkeypatch):
+    """The run saved best params at step 3 and died before the step-3 checkpoint: it resumes
+    from step 2, validates step 3 again, and must be able to save that step's best again (Orbax
+    refuses to overwrite a step) instead of failing at every restart."""
+    import shutil
+
+    from pudnet_jax import train as train_module
+    from pudnet_jax.checkpoints import RunCheckpoints
+
+    calls = []
+
+    class EverImprovingValidator:  # each validation beats the last: a best save at every eval
+        def __init__(self, config, evaluator):
+            pass
+
+        def __call__(self, params):
+            calls.append(1)
+            return 0.1 * len(calls)
+
+    monkeypatch.setattr(train_module, "Validator", EverImprovingValidator)
+    config = _small_run_config(tiny_config, num_steps=4)
+    config.train.eval_every = 1
+    config.train.checkpoint_every = 2
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir), stop_after=3)
+    ckpt = RunCheckpoints(str(workdir))
+    assert ckpt.best.all_steps() == [3] and ckpt.latest.all_steps() == [2, 3]
+    ckpt.close()
+    shutil.rmtree(workdir / "checkpoints" / "3")  # killed after the best save at step 3
+
+    train_and_evaluate(config, str(workdir), stop_after=3)  # failed with StepAlreadyExistsError
+    ckpt = RunCheckpoints(str(workdir))
+    assert ckpt.best.all_steps() == [3] and ckpt.latest.all_steps() == [2, 3]
+    ckpt.close()
+    results = train_and_evaluate(config, str(workdir))
+    assert results["hyper_params_from"]["step"] == 4
+    assert results["hyper_params_from"]["best_val_accuracy"] == pytest.approx(0.5)  # 5th validation
