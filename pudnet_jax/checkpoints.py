@@ -34,7 +34,9 @@ from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
 # agrees on all of them, even those that leave the shapes alone: a resumed run must keep
 # optimising the same function. (Warm starts, train.init_from, check shapes only.)
 ARCHITECTURE_FIELDS = ("hyper",)
-ARCHITECTURE_MODEL_FIELDS = ("image_size", "channels")
+# model.target too: the hypernetwork generates that network's layers (a resumed run that
+# silently switched targets would optimise another function).
+ARCHITECTURE_MODEL_FIELDS = ("target", "image_size", "channels")
 
 
 class ArchitectureMismatchError(ValueError):
@@ -261,8 +263,8 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
             raise
         raise ArchitectureMismatchError(
             f"Could not restore the hypernetwork from {directory!r} under its config (does the "
-            f"config's hyper section, model.image_size and model.channels match the checkpoint's?): "
-            f"{e}") from e
+            f"config's hyper section, model.target, model.image_size and model.channels match "
+            f"the checkpoint's?): {e}") from e
     raise FileNotFoundError(f"No hypernetwork checkpoint in {directory!r}: expected hyper_params/ "
                             "(an export) or best/ or checkpoints/ (a training workdir).")
 

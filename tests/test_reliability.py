@@ -465,6 +465,11 @@ def test_restart_with_another_architecture_is_refused(tmp_path, reference_run, c
     other.hyper.hidden_dim = 48
     with pytest.raises(checkpoints.ArchitectureMismatchError, match="hyper.hidden_dim: checkpoint 32 vs config 48"):
         train.train_and_evaluate(other, reference_run)
+    other_target = config.copy_and_resolve_references()
+    other_target.model.target = "resnet18"
+    with pytest.raises(checkpoints.ArchitectureMismatchError,
+                       match="model.target: checkpoint 'resnet8' vs config 'resnet18'"):
+        train.train_and_evaluate(other_target, reference_run)
     # Restoring the workdir's params under the other config fails the same way (strict shapes).
     with pytest.raises(checkpoints.ArchitectureMismatchError, match="not compatible with the stored shape"):
         checkpoints.restore_hyper_params(reference_run, other)
