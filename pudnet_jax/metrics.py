@@ -23,10 +23,12 @@ class MetricsWriter:
         if not self.active:
             return
         if os.path.exists(self.path):
-            kept = [line for line in open(self.path) if line.strip()
-                    and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            kept = [r for r in _parse_records(self.path) if r.get("step", 0) <= resume_step]
+            # Written aside and renamed: a kill during the rewrite leaves the old log whole.
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter  # optional dependency
@@ -51,11 +53,30 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _parse_records(path: str) -> list[dict]:
+    """The JSON records of a metrics file, skipping lines that do not parse.
+
+    A run killed in the middle of ``write`` leaves a torn last line; the steps it logged are
+    rerun and logged again after the resume, so dropping it loses nothing.
+    """
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"{path}:{number}: skipping a torn metrics line (a killed write): {line[:80]!r}")
+    return records
+
+
 def read_metrics(workdir: str) -> list[dict]:
+    """The records of ``DIR/metrics.jsonl`` in order ([] if there is none)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    return [json.loads(line) for line in open(path) if line.strip()]
+    return _parse_records(path)
 
 
 def plot_curves(workdir: str) -> str | None:

@@ -459,6 +459,23 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(x).all() for x in jax.tree.leaves((state.params, state.opt_state)))
 
 
+def test_metrics_log_with_a_torn_last_line_resumes(tmp_path, capsys):
+    """A kill in the middle of a metrics write leaves a partial last line: reading the log and
+    resuming the run both skip it (and say so) instead of failing on the JSON."""
+    from pudnet_jax.metrics import MetricsWriter, read_metrics
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+    assert "metrics.jsonl:5: skipping a torn metrics line" in capsys.readouterr().out
+    writer = MetricsWriter(str(tmp_path), resume_step=3)  # resumed from the step-3 checkpoint
+    writer.write(4, {"loss": 0.5})
+    writer.close()
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss"] == 0.5
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # the rewrite left no temp file
+
+
 @_ORBAX_ABANDONED_READS
 def test_restart_with_another_architecture_is_refused(tmp_path, reference_run, config):
     other = config.copy_and_resolve_references()
