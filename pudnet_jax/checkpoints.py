@@ -168,10 +168,13 @@ def _restore_state(manager: ocp.CheckpointManager, where: str, step: int,
 class RunCheckpoints:
     """Latest train states (for resume) and the best hypernetwork params (for evaluation)."""
 
-    def __init__(self, workdir: str, keep: int = 2):
+    def __init__(self, workdir: str, keep: int = 2, read_only: bool = False):
+        """``read_only`` (for evaluating a workdir, possibly while its run is still writing):
+        creates nothing and leaves Orbax's temporary directories alone, where a writer's
+        start-up removes them as debris of a killed save."""
         self.workdir = workdir
-        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
-        self.best = _manager(os.path.join(workdir, "best"), 1)
+        self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, read_only)
+        self.best = _manager(os.path.join(workdir, "best"), 1, read_only)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()

@@ -21,7 +21,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
     # Restore first: a missing workdir raises FileNotFoundError instead of being created empty.
     params, info = checkpoints.restore_hyper_params(workdir, config)
-    ckpt = checkpoints.RunCheckpoints(workdir)
+    # Read-only: the run may still be going, mid-way through writing a checkpoint.
+    ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
         # info names the checkpoint restored (a run stopped early has no best/, and its latest
         # step is not the schedule's last): results.json must record that one.

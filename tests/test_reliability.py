@@ -442,6 +442,12 @@ def test_checkpoint_write_interrupted_midway_keeps_the_previous_one(tmp_path, fa
     step, state = _restore_latest(workdir, config)
     assert step == 3 == int(state.step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    # Evaluating the workdir (as if its run were still writing step 4) reads the last complete
+    # checkpoint and leaves the writer's temporary directory alone.
+    from pudnet_jax.run_modes import evaluate_workdir
+
+    assert evaluate_workdir(config, workdir)["hyper_params_from"]["step"] == 3
+    assert glob.glob(os.path.join(ckpt_dir, "4.orbax-checkpoint-tmp*")) == torn
     rc, out = _run(workdir, fake_data)
     assert rc == 0 and "Resumed from step 3" in out, out[-3000:]
     assert not glob.glob(os.path.join(ckpt_dir, "*orbax-checkpoint-tmp*"))

@@ -436,13 +436,13 @@ def test_resume_after_a_kill_between_a_best_save_and_the_next_checkpoint(tiny_co
     config.train.checkpoint_every = 2
     workdir = tmp_path / "run"
     train_and_evaluate(config, str(workdir), stop_after=3)
-    ckpt = RunCheckpoints(str(workdir))
+    ckpt = RunCheckpoints(str(workdir), read_only=True)
     assert ckpt.best.all_steps() == [3] and ckpt.latest.all_steps() == [2, 3]
     ckpt.close()
     shutil.rmtree(workdir / "checkpoints" / "3")  # killed after the best save at step 3
 
     train_and_evaluate(config, str(workdir), stop_after=3)  # failed with StepAlreadyExistsError
-    ckpt = RunCheckpoints(str(workdir))
+    ckpt = RunCheckpoints(str(workdir), read_only=True)
     assert ckpt.best.all_steps() == [3] and ckpt.latest.all_steps() == [2, 3]
     ckpt.close()
     results = train_and_evaluate(config, str(workdir))
