@@ -140,13 +140,20 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     ``frontier_shots``: other predict-sample sizes to score and time against the same
     from-scratch curve (``predict_sample_frontier``; meta-val on ``frontier_val_tasks`` tasks).
     """
+    # Explicit None checks: 0 is a value (and a wrong one), not "use the config's default".
+    e, d = config.eval, config.data
+    num_baseline_tasks = e.num_baseline_tasks if num_baseline_tasks is None else num_baseline_tasks
+    lr_tune_epochs = e.scratch_epochs if lr_tune_epochs is None else lr_tune_epochs
+    for name, value in (("num_baseline_tasks", num_baseline_tasks), ("lr_tune_epochs", lr_tune_epochs),
+                        ("lr_tune_tasks", lr_tune_tasks), ("predict_repeats", predict_repeats)):
+        if int(value) < 1:
+            raise ValueError(f"run_benchmark: {name} must be at least 1, got {value}.")
     wall_start = time.perf_counter()
     load_start = list(os.getloadavg())
     os.makedirs(output, exist_ok=True)
-    e, d = config.eval, config.data
     hyper_params, info = checkpoints.restore_hyper_params(checkpoint, config)
     tasks = make_test_tasks(config)
-    n_base = min(len(tasks), int(num_baseline_tasks or e.num_baseline_tasks))
+    n_base = min(len(tasks), int(num_baseline_tasks))
     evaluator = TaskEvaluator(config)
     target_name = config.model.target
 
@@ -170,7 +177,7 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
                   if scratch_lr is None or finetune_lrs else [])
     if scratch_lr is None:
         tuning = baselines.tune_learning_rate(
-            target_name, tune_tasks, list(e.scratch_lrs), epochs=int(lr_tune_epochs or e.scratch_epochs),
+            target_name, tune_tasks, list(e.scratch_lrs), epochs=int(lr_tune_epochs),
             batch_size=e.batch_size, seed=config.seed)
         scratch_lr = tuning["best_lr"]
     else:

@@ -72,7 +72,8 @@ def main(argv):
     elif FLAGS.mode == "predict":
         if not FLAGS.dataset or not FLAGS.output:
             raise app.UsageError("--mode=predict needs --dataset and --output.")
-        run_modes.predict_dataset(FLAGS.workdir, FLAGS.dataset, FLAGS.shots, FLAGS.output)
+        run_modes.predict_dataset(FLAGS.workdir, FLAGS.dataset, FLAGS.shots, FLAGS.output,
+                                  data_dir=config.data_dir or None)
     else:
         if not FLAGS.output:
             raise app.UsageError("--mode=export needs --output.")

@@ -376,6 +376,12 @@ def test_cli_predict_without_the_dataset(export, tmp_path):
                    f"--output={tmp_path}/out", env={"PUDNET_DATA_DIR": str(tmp_path),
                                                     "PUDNET_TFDS_DOWNLOAD": "0"})
     assert rc != 0 and "DatasetNotFoundError" in out and "Dataset 'cifar10' not found" in out, out[-2000:]
+    # --config.data_dir is where predict looks (it was ignored in favour of the environment).
+    rc, out = _cli("--mode=predict", f"--workdir={export}", "--dataset=cifar10",
+                   "--config=configs/inter.py", f"--config.data_dir={tmp_path}/elsewhere",
+                   f"--output={tmp_path}/out", env={"PUDNET_DATA_DIR": str(tmp_path),
+                                                    "PUDNET_TFDS_DOWNLOAD": "0"})
+    assert rc != 0 and f"looked for: {tmp_path}/elsewhere/cifar10.npz" in out, out[-2000:]
 
 
 # ---------------------------------------------------------------------------------- faults
