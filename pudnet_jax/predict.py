@@ -37,8 +37,9 @@ def make_predict_fn(config, num_classes: int | None = None,
     Args:
       config: the run's ``ConfigDict`` (``config.model``, ``config.hyper``).
       num_classes: classes of the predicted head; defaults to ``config.model.num_classes``.
-        Labels must lie in ``0..num_classes-1``; classes above the largest label are given a
-        bias of ``-1e9`` so they are never predicted.
+        Labels must lie in ``0..num_classes-1``; every class with no (unmasked) example in the
+        batch, e.g. those above the largest label, gets a logit bias of ``-1e9`` so it is never
+        predicted.
       chunk_size: if set and the batch has more images, the encoder and the BatchNorm pass run
         ``chunk_size`` images at a time (``pudnet_jax.hypernet.chunked``): memory bounded by the
         chunk instead of the dataset, for about ``L/2`` times the target's forward compute

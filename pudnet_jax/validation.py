@@ -21,7 +21,8 @@ def _is_concrete(x) -> bool:
 
 def check_dataset_batch(batch: Mapping, num_classes: int | None = None,
                         image_shape: tuple[int, ...] | None = None) -> int:
-    """Validates a dataset batch and returns its class count ``K`` (largest label + 1).
+    """Validates a dataset batch and returns its class count: ``num_classes`` when given, else
+    ``K`` = largest label + 1 (under ``jax.jit``, where labels are traced, ``num_classes or 0``).
 
     Args:
       batch: ``{'image', 'label', 'mask'?}``, see ``EXPECTED_FORM``.
