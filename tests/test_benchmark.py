@@ -170,7 +170,6 @@ def test_speedup_and_time_to_reach():
     assert not s["reached"] and s["ratio"] == pytest.approx(300.0) and s["text"] == ">300x"
 
 
-@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
 @pytest.mark.parametrize("argument", ["num_baseline_tasks", "lr_tune_epochs", "lr_tune_tasks"])
 def test_benchmark_refuses_zero_counts_instead_of_reading_them_as_unset(tmp_path, argument):
     with pytest.raises(ValueError, match=f"{argument} must be at least 1, got 0"):
@@ -179,6 +178,7 @@ def test_benchmark_refuses_zero_counts_instead_of_reading_them_as_unset(tmp_path
     assert not os.path.exists(tmp_path / "out")  # refused before any work
 
 
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
 def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     """2 intra-Omniglot tasks (20-way; 16x16 so it is quick), 1 with training baselines."""
     c, hyper_params = hyper
