@@ -334,3 +334,20 @@ def test_compare_predictors_is_paired_on_meta_val_tasks(hyper, tmp_path):
     checkpoints.export_predictor(hyper_params, gtsrb, str(tmp_path / "g"), {})
     with pytest.raises(ValueError, match="data.dataset"):
         compare([first, str(tmp_path / "g")], num_val_tasks=2)
+
+
+def test_ci95_uses_student_t_over_tasks():
+    from pudnet_jax.evaluate import mean_and_ci95, t_quantile_975
+
+    # Exact t_{0.975} quantiles (tables): the expansion beyond the table agrees to 1e-3.
+    for dof, exact in ((1, 12.706), (2, 4.303), (30, 2.042), (31, 2.0395), (40, 2.0211),
+                       (60, 2.0003), (99, 1.9842), (120, 1.9799)):
+        assert t_quantile_975(dof) == pytest.approx(exact, abs=1e-3), dof
+    stats = mean_and_ci95([0.0, 1.0])  # std 0.7071, se 0.5, t(1) = 12.706
+    assert stats["mean"] == 0.5 and stats["ci95"] == pytest.approx(6.353, abs=1e-3)
+    values = np.random.default_rng(0).normal(size=100)
+    se = values.std(ddof=1) / 10
+    assert mean_and_ci95(values)["ci95"] == pytest.approx(1.9842 * se, rel=1e-3)
+    assert np.isnan(mean_and_ci95([0.7])["ci95"])
+    with pytest.raises(ValueError, match="degree of freedom"):
+        t_quantile_975(0)
