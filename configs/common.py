@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     # predict also reads the horizontal mirror of every image it is given (2x its BatchNorm pass
     # and classifier rows): only for data whose classes survive a flip (natural images).
     c.hyper.mirror_support = False
+    # m > 0: the target's first conv gets m principal directions of the batch's own patches (and
+    # their negatives) as its first 2m filters, instead of the head's (pudnet_jax/hypernet/stem.py).
+    c.hyper.stem_pca_components = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

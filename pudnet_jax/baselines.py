@@ -11,7 +11,9 @@
   (random init; or source-trained, ``launch/source_probe.py``) read out exactly as predict reads
   out a predicted one: BatchNorm statistics and the classifier from the dataset batch. Random
   init read out this way is the zero-shot baseline a predictor must beat to show its backbone
-  is worth predicting (random init with its random Dense layer is near chance).
+  is worth predicting (random init with its random Dense layer is near chance). Where predict
+  computes the first conv from the batch (``hyper.stem_pca_components``), so does this read-out
+  (``with_pca_stem``): the comparison then measures what the predicted layers add.
 - ``refit_classifier``: the Dense layer re-solved by ridge regression on the network's own
   features over the whole support. Fine-tuning a predictor whose classifier was itself solved
   in closed form (``hyper.classifier=ridge``) can re-solve it after each epoch instead of relying
@@ -41,10 +43,11 @@ import optax
 
 from pudnet_jax import data, train
 from pudnet_jax.evaluate import accuracy, fixed_shape_chunks, init_target
-from pudnet_jax.hypernet import build_hypernet
+from pudnet_jax.hypernet import build_hypernet, target_specs
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.pudnet import ABSENT_CLASS_BIAS
 from pudnet_jax.hypernet.ridge import ridge_classifier
+from pudnet_jax.hypernet.stem import pca_stem_kernel
 from pudnet_jax.models import get_target
 
 PADDING = "pad+mask"  # how the last partial batch of an epoch is handled (see module docstring)
@@ -333,8 +336,29 @@ def solved_readout(target_name: str, backbone, batch, classifier: str, ridge_lam
               jnp.asarray(batch["label"], jnp.int32), jnp.asarray(batch["mask"], bool))
 
 
+def with_pca_stem(target_name: str, variables, batch, num_components: int):
+    """``variables`` with the first conv's first ``2 m`` filters computed from ``batch`` as predict
+    computes them under ``hyper.stem_pca_components=m`` (``hypernet.stem``); the input is not
+    modified."""
+    num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
+    image_shape = tuple(int(d) for d in np.shape(batch["image"])[1:])
+    path = next(s for s in target_specs(target_name, num_classes, image_shape) if s.kind == "conv").path
+    node = variables["params"]
+    for key in path[:-1]:
+        node = node[key]
+    kernel = pca_stem_kernel(jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["mask"], bool),
+                             node[path[-1]], int(num_components))
+    params = jax.tree.map(lambda x: x, variables["params"])  # new dicts, same leaves
+    node = params
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = kernel
+    return {**variables, "params": params}
+
+
 def random_backbone_accuracy(config, task, seed: int) -> float | None:
-    """Test accuracy of a randomly initialised target read out like a predicted one.
+    """Test accuracy of a randomly initialised target read out like a predicted one (with the
+    data-derived first layer too, where predict has one).
 
     None for the 'generated' classifier (its Dense layer comes from learned maps, not a solve).
     """
@@ -344,5 +368,7 @@ def random_backbone_accuracy(config, task, seed: int) -> float | None:
     target_name = config.model.target
     batch = task.dataset_batch()
     backbone = init_target(target_name, task.num_classes, task.test_images.shape[1:], seed)
+    if config.hyper.stem_pca_components:
+        backbone = with_pca_stem(target_name, backbone, batch, config.hyper.stem_pca_components)
     variables = solved_readout(target_name, backbone, batch, classifier, config.hyper.ridge_lambda)
     return accuracy(target_name, variables, task.test_images, task.test_labels)

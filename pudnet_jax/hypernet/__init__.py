@@ -29,4 +29,5 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         sketch_conditioning=hyper.sketch_conditioning,
         classifier=hyper.classifier,
         ridge_lambda=float(hyper.ridge_lambda),
+        stem_pca_components=int(hyper.stem_pca_components),
     )

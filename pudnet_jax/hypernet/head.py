@@ -26,6 +26,13 @@ import jax.numpy as jnp
 from pudnet_jax.hypernet.layers import TensorSpec
 
 
+def get_path(tree: dict, path: Sequence[str]):
+    """``tree[path[0]][path[1]]...``."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def set_path(tree: dict, path: Sequence[str], value) -> None:
     """Sets ``tree[path[0]][path[1]]... = value``, creating the nested dicts on the way."""
     for key in path[:-1]:

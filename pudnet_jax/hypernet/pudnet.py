@@ -4,6 +4,7 @@
       -> SetEncoder            features, class prototypes, dataset sketch s
       -> LayerRecurrence       one GRU cell scanned over the target's tensors, conditioned on s
       -> ParameterHead         conv kernels + BatchNorm scale/bias in the target's exact tree
+                               (optionally the first conv from the batch's patch PCA: stem.py)
       -> BatchNorm pass        one masked forward pass of the target over the same batch fills
                                batch_stats and yields the target's own penultimate features
       -> classifier            the Dense layer, solved from those features and the labels:
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA, ridge_classifier
-from pudnet_jax.hypernet.head import ParameterHead, set_path
+from pudnet_jax.hypernet.stem import pca_stem_kernel
+from pudnet_jax.hypernet.head import ParameterHead, get_path, set_path
 from pudnet_jax.hypernet.layers import descriptor_features, describe_target
 from pudnet_jax.models import get_target
 
@@ -71,6 +73,9 @@ class PudNet(nn.Module):
         'generated' (ablation: columns generated from the encoder's prototypes by a learned
         map, without the target's features).
       ridge_lambda: L2 strength of the ridge classifier, relative to the features' variance.
+      stem_pca_components: ``m > 0`` replaces the first ``2 m`` filters of the target's first
+        conv with the top ``m`` principal directions of the batch's patches and their negatives
+        (``pudnet_jax.hypernet.stem``); 0 keeps the head's filters. No parameters either way.
     """
 
     target_name: str
@@ -87,6 +92,7 @@ class PudNet(nn.Module):
     sketch_conditioning: bool = True
     classifier: str = "prototype"
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
+    stem_pca_components: int = 0
 
     @nn.compact
     def __call__(self, images, labels, mask):
@@ -105,6 +111,10 @@ class PudNet(nn.Module):
         body_rows = jnp.array([i for i, s in enumerate(specs) if not s.kind.startswith("dense")])
         params = ParameterHead(body_specs, self.code_rank, self.max_channels, name="head")(
             embeddings[body_rows])
+        if self.stem_pca_components:
+            stem = next(s for s in specs if s.kind == "conv")  # first conv in forward order
+            set_path(params, stem.path, pca_stem_kernel(
+                images, mask, get_path(params, stem.path), self.stem_pca_components))
 
         # One masked forward pass in train mode with momentum 0 writes the batch's exact
         # statistics into batch_stats; its output is the target's penultimate features.
