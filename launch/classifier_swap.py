@@ -16,7 +16,6 @@ Writes ``swap.json`` and ``swap.md`` (with the seed, machine, command and wall t
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints
 from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
+from pudnet_jax.metrics import write_report
 from pudnet_jax.train import machine_description, make_test_tasks
 
 
@@ -110,12 +110,7 @@ def main(argv):
     result = run_swap(FLAGS.checkpoint, shots_grid=FLAGS.predict_shots,
                       ridge_lambdas=[float(x) for x in FLAGS.ridge_lambdas],
                       num_val_tasks=FLAGS.num_val_tasks, command=command)
-    os.makedirs(FLAGS.output, exist_ok=True)
-    with open(os.path.join(FLAGS.output, "swap.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(os.path.join(FLAGS.output, "swap.md"), "w") as f:
-        f.write(markdown(result) + "\n")
-    print(markdown(result))
+    write_report(FLAGS.output, "swap", result, markdown(result))
 
 
 def markdown(r: dict) -> str:

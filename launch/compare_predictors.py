@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import os
 import sys
 import time
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints, data, train
 from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
+from pudnet_jax.metrics import write_report
 from pudnet_jax.train import machine_description
 
 
@@ -159,12 +159,7 @@ def main() -> None:
                if args.mirror_support else None)
     result = compare(args.checkpoints.split(","), args.num_val_tasks, args.predict_shots, factors,
                      mirrors, args.source_dataset)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "compare.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.output, "compare.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    write_report(args.output, "compare", result, markdown(result))
 
 
 if __name__ == "__main__":

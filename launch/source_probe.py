@@ -21,7 +21,6 @@ Writes probe.json and probe.md under --output.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, data, evaluate, train  # noqa: E402
+from pudnet_jax.metrics import write_report  # noqa: E402
 
 
 def source_training_set(config, sources, images_per_class: int, seed: int):
@@ -130,13 +130,8 @@ def main():
                            seeds=[int(s) for s in FLAGS.seeds],
                            images_per_class=FLAGS.images_per_class)
         result["wall_seconds"] = time.time() - start
-        os.makedirs(FLAGS.output, exist_ok=True)
-        with open(os.path.join(FLAGS.output, "probe.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        report = markdown(result) + f"\nWall time {result['wall_seconds']:.0f} s.\n"
-        with open(os.path.join(FLAGS.output, "probe.md"), "w") as f:
-            f.write(report)
-        print(report)
+        write_report(FLAGS.output, "probe", result,
+                     markdown(result) + f"\nWall time {result['wall_seconds']:.0f} s.\n")
 
     app.run(_main)
 

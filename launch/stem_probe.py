@@ -22,7 +22,6 @@ Writes ``probe.json`` and ``probe.md`` (with the seed, machine, command and wall
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pudnet_jax import baselines, checkpoints
 from pudnet_jax.evaluate import (TaskEvaluator, accuracy, format_mean_ci, init_target,
                                  mean_and_ci95, random_init_seed)
+from pudnet_jax.metrics import write_report
 from pudnet_jax.train import machine_description, make_test_tasks
 
 ROWS = ("predicted", "predicted, PCA stem", "random init", "random init, PCA stem")
@@ -109,12 +109,7 @@ def main():
     args = parser.parse_args()
     command = "python launch/stem_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_probe(args.checkpoint, args.num_val_tasks, args.stem_pca_components, command)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "probe.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(os.path.join(args.output, "probe.md"), "w") as f:
-        f.write(markdown(result) + "\n")
-    print(markdown(result))
+    write_report(args.output, "probe", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes ``probe.json`` and ``probe.md``. Ridge predictors only.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from pudnet_jax.evaluate import TaskEvaluator, accuracy, format_mean_ci, mean_an
 from pudnet_jax.hypernet.pudnet import RIDGE_LOGIT_SCALE
 from pudnet_jax.hypernet.ridge import ridge_classifier
 from pudnet_jax.models import get_target
+from pudnet_jax.metrics import write_report
 from pudnet_jax.train import machine_description
 
 SHIFT_SETS = {
@@ -112,13 +112,7 @@ def main(argv):
     start = time.perf_counter()
     r = run_probe(f.checkpoint, f.num_val_tasks)
     command = "python launch/support_shift_probe.py " + " ".join(sys.argv[1:])
-    os.makedirs(f.output, exist_ok=True)
-    with open(os.path.join(f.output, "probe.json"), "w") as fh:
-        json.dump(r, fh, indent=1, default=str)
-    text = markdown(r, command, time.perf_counter() - start)
-    with open(os.path.join(f.output, "probe.md"), "w") as fh:
-        fh.write(text)
-    print(text)
+    write_report(f.output, "probe", r, markdown(r, command, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

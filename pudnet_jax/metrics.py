@@ -9,6 +9,18 @@ import time
 import jax
 
 
+def write_report(output_dir: str, name: str, result: dict, markdown: str) -> None:
+    """Writes a probe's or benchmark script's ``NAME.json`` (the full result) and ``NAME.md``
+    (its table) into ``output_dir`` (created if needed), and prints the table."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    text = markdown if markdown.endswith("\n") else markdown + "\n"
+    with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text, end="")
+
+
 class MetricsWriter:
     """Appends one JSON object per line to ``DIR/metrics.jsonl`` (process 0 only).
 

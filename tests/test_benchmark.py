@@ -351,3 +351,38 @@ def test_ci95_uses_student_t_over_tasks():
     assert np.isnan(mean_and_ci95([0.7])["ci95"])
     with pytest.raises(ValueError, match="degree of freedom"):
         t_quantile_975(0)
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_stem_probe_reads_every_backbone_out_as_predict_does(hyper, tmp_path):
+    """launch/stem_probe.py: its 'predicted' row is predict's own accuracy, its random rows are
+    the benchmark's random-init read-out without and with the PCA stem, draw for draw; the
+    report round-trips through metrics.write_report."""
+    from launch.stem_probe import markdown, run_probe
+    from pudnet_jax.evaluate import TaskEvaluator, random_init_seed
+    from pudnet_jax.metrics import write_report
+    from pudnet_jax.train import make_test_tasks
+
+    c, hyper_params = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.num_eval_tasks, c.data.predict_shots = 2, 5
+    c.hyper.classifier = "ridge"
+    export = str(tmp_path / "export")
+    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    r = run_probe(export, num_val_tasks=2, num_components=4)
+    unseen = r["splits"]["unseen"]["rows"]
+    tasks = make_test_tasks(c)
+    assert unseen["predicted"]["per_task"] == pytest.approx(
+        TaskEvaluator(c).evaluate(hyper_params, tasks)["per_task_predicted"])
+    stem_config = c.copy_and_resolve_references()
+    stem_config.hyper.stem_pca_components = 4
+    for row, config in (("random init", c), ("random init, PCA stem", stem_config)):
+        want = [baselines.random_backbone_accuracy(config, t, random_init_seed(config, i))
+                for i, t in enumerate(tasks)]
+        assert unseen[row]["per_task"] == pytest.approx(want), row
+    assert all(t.startswith("omniglot/meta_val") for t in r["splits"]["meta_val"]["tasks"])
+
+    write_report(str(tmp_path / "out"), "probe", r, markdown(r))
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["stem_pca_components"] == 4
+    assert "| random init, PCA stem |" in (tmp_path / "out" / "probe.md").read_text()
