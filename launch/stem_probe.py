@@ -1,6 +1,6 @@
-"""Probe: what does a first layer computed from the dataset's own patches give, before any meta-training?
+"""Probe: what do layers computed from the dataset's own patches give, before any meta-training?
 
-Four backbones, each read out exactly as predict reads out its own (BatchNorm statistics from the
+Five backbones, each read out exactly as predict reads out its own (BatchNorm statistics from the
 predict sample, then the checkpoint's classifier solved on it: ``baselines.solved_readout``):
 
 - the checkpoint's predicted backbone (this reproduces predict);
@@ -8,7 +8,10 @@ predict sample, then the checkpoint's classifier solved on it: ``baselines.solve
   principal patch directions and their negatives (``hypernet.stem.pca_stem_kernel``), the later
   layers unchanged (they were predicted for the head's stem);
 - a randomly initialised target (``evaluate.random_init_seed``'s draw for each task);
-- the same random target with the PCA stem.
+- the same random target with the PCA stem;
+- the PCA network: the same random target with *every* conv from the principal directions of its
+  own input's patches (``pudnet_jax.pca_backbone``): a closed-form, data-derived backbone with
+  no meta-training at all.
 
 Scored on meta-val tasks (the tasks that tune everything else, ``baselines.lr_tuning_tasks``) and on
 the checkpoint's unseen tasks (for inter: the held-out dataset, predicted whole).
@@ -35,9 +38,11 @@ from pudnet_jax import baselines, checkpoints
 from pudnet_jax.evaluate import (TaskEvaluator, accuracy, format_mean_ci, init_target,
                                  mean_and_ci95, random_init_seed)
 from pudnet_jax.metrics import write_report
+from pudnet_jax.pca_backbone import pca_backbone
 from pudnet_jax.train import machine_description, make_test_tasks
 
-ROWS = ("predicted", "predicted, PCA stem", "random init", "random init, PCA stem")
+ROWS = ("predicted", "predicted, PCA stem", "random init", "random init, PCA stem",
+        "PCA network (every conv; no meta-training)")
 
 
 def score_tasks(config, hyper_params, tasks, num_components: int) -> dict:
@@ -52,7 +57,8 @@ def score_tasks(config, hyper_params, tasks, num_components: int) -> dict:
         random = init_target(target, task.num_classes, task.test_images.shape[1:],
                              random_init_seed(config, i))
         backbones = (predicted, baselines.with_pca_stem(target, predicted, batch, num_components),
-                     random, baselines.with_pca_stem(target, random, batch, num_components))
+                     random, baselines.with_pca_stem(target, random, batch, num_components),
+                     pca_backbone(target, random, batch["image"], batch["mask"]))
         for name, backbone in zip(ROWS, backbones):
             variables = baselines.solved_readout(target, backbone, batch, classifier, lam)
             scores[name].append(accuracy(target, variables, task.test_images, task.test_labels))

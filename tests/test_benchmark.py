@@ -382,6 +382,8 @@ def test_stem_probe_reads_every_backbone_out_as_predict_does(hyper, tmp_path):
                 for i, t in enumerate(tasks)]
         assert unseen[row]["per_task"] == pytest.approx(want), row
     assert all(t.startswith("omniglot/meta_val") for t in r["splits"]["meta_val"]["tasks"])
+    pca_net = unseen["PCA network (every conv; no meta-training)"]["per_task"]
+    assert len(pca_net) == 2 and all(0.0 <= a <= 1.0 for a in pca_net)
 
     write_report(str(tmp_path / "out"), "probe", r, markdown(r))
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["stem_pca_components"] == 4

@@ -1,0 +1,107 @@
+"""A closed-form, data-derived backbone: every conv from the principal components of its input.
+
+A reference point for what the hypernetwork's meta-learning adds, computed from the dataset
+batch alone with no meta-training: walking the target in forward order, each conv's filters
+become the top principal directions of the ``k x k x C`` patches *of its own input on the
+batch* and their negatives (PCANet, Chan et al. 2015, applied greedily to the target's own
+architecture; the first layer is ``hypernet.stem``'s). Every BatchNorm gets scale 1 and bias 0
+(a Flax ResNet zero-initialises the last BatchNorm of each block, which would switch the
+residual branches off). Read out like a prediction (``baselines.solved_readout``: BatchNorm
+statistics and the classifier solved on the batch), it is a baseline a predictor should beat.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pudnet_jax.hypernet.stem import principal_patch_directions
+from pudnet_jax.models import get_target
+
+
+def _conv_calls(target, variables, images):
+    """``(module path, kernel size)`` of every ``nn.Conv`` in the order the forward pass calls them."""
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            calls.append((tuple(context.module.path), int(context.module.kernel_size[0])))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: target.apply(v, x, train=False, features_only=True),
+                       variables, images[:1])
+    return calls
+
+
+def _unit_batch_norms(params):
+    """``params`` with every BatchNorm (a node holding exactly ``scale`` and ``bias``) at scale 1, bias 0."""
+    if set(params) == {"scale", "bias"}:
+        return {"scale": jnp.ones_like(params["scale"]), "bias": jnp.zeros_like(params["bias"])}
+    return {key: _unit_batch_norms(value) if isinstance(value, dict) else value
+            for key, value in params.items()}
+
+
+def _replace(tree, path, value):
+    """A copy of the nested dict ``tree`` with ``tree[path]`` set to ``value``."""
+    if not path:
+        return value
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+
+
+def _conv_input(target, variables, images, mask, path):
+    """The input of the conv at ``path`` on the batch (train-mode BatchNorm: batch statistics)."""
+    captured = {}
+
+    def capture(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and tuple(context.module.path) == path:
+            captured["x"] = args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        target.apply(variables, images, train=True, mask=mask, features_only=True,
+                     mutable=["batch_stats"])
+    return captured["x"]
+
+
+def pca_backbone(target_name: str, variables, images, mask):
+    """``variables`` with every conv kernel replaced by its input's principal patch directions.
+
+    Conv ``l`` (forward order) with ``C`` input and ``O`` output channels, kernel ``k x k``: its
+    first ``2m`` filters are the top ``m = min(O // 2, k * k * C)`` directions of its input's
+    patches on the masked rows of ``images`` (``[N, H, W, C_img]``, preprocessed), then their
+    negatives; any filters beyond ``2m`` keep their values. Convs are filled in order, each from
+    the activations the already-replaced layers produce. Every BatchNorm scale is set to 1 and
+    bias to 0; ``batch_stats`` is returned unchanged (a read-out recomputes it). Pure; jitted per
+    target, class count and batch shape.
+    """
+    num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
+    return _pca_backbone_jit(target_name, num_classes)(variables, jnp.asarray(images, jnp.float32),
+                                                       jnp.asarray(mask, bool))
+
+
+@functools.lru_cache(maxsize=16)
+def _pca_backbone_jit(target_name: str, num_classes: int):
+    target = get_target(target_name, num_classes, bn_momentum=0.0)
+
+    def run(variables, images, mask):
+        params = _unit_batch_norms(variables["params"])
+        stats = variables["batch_stats"]
+        for path, k in _conv_calls(target, {"params": params, "batch_stats": stats}, images):
+            x = _conv_input(target, {"params": params, "batch_stats": stats}, images, mask, path)
+            kernel = params
+            for key in path + ("kernel",):
+                kernel = kernel[key]
+            c_in, c_out = kernel.shape[2], kernel.shape[3]
+            m = min(c_out // 2, k * k * c_in)
+            directions = principal_patch_directions(x, mask, k, m)  # [k*k*C, m], rows (C, kh, kw)
+            filters = jnp.concatenate([directions, -directions], axis=1)
+            filters = filters.reshape(c_in, k, k, 2 * m).transpose(1, 2, 0, 3)
+            params = _replace(params, path + ("kernel",),
+                              jnp.concatenate([filters, kernel[..., 2 * m:]], axis=-1))
+        return {**variables, "params": params}
+
+    return jax.jit(run)
