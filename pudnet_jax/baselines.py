@@ -45,6 +45,7 @@ from pudnet_jax import data, train
 from pudnet_jax.evaluate import accuracy, fixed_shape_chunks, init_target
 from pudnet_jax.hypernet import build_hypernet, target_specs
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
+from pudnet_jax.hypernet.head import get_path, replaced_path
 from pudnet_jax.hypernet.pudnet import ABSENT_CLASS_BIAS
 from pudnet_jax.hypernet.ridge import ridge_classifier
 from pudnet_jax.hypernet.stem import pca_stem_kernel
@@ -343,17 +344,9 @@ def with_pca_stem(target_name: str, variables, batch, num_components: int):
     num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
     image_shape = tuple(int(d) for d in np.shape(batch["image"])[1:])
     path = next(s for s in target_specs(target_name, num_classes, image_shape) if s.kind == "conv").path
-    node = variables["params"]
-    for key in path[:-1]:
-        node = node[key]
     kernel = pca_stem_kernel(jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["mask"], bool),
-                             node[path[-1]], int(num_components))
-    params = jax.tree.map(lambda x: x, variables["params"])  # new dicts, same leaves
-    node = params
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = kernel
-    return {**variables, "params": params}
+                             get_path(variables["params"], path), int(num_components))
+    return {**variables, "params": replaced_path(variables["params"], path, kernel)}
 
 
 def random_backbone_accuracy(config, task, seed: int) -> float | None:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pudnet_jax.hypernet.head import get_path, replaced_path
 from pudnet_jax.hypernet.stem import principal_patch_directions
 from pudnet_jax.models import get_target
 
@@ -43,13 +44,6 @@ def _unit_batch_norms(params):
         return {"scale": jnp.ones_like(params["scale"]), "bias": jnp.zeros_like(params["bias"])}
     return {key: _unit_batch_norms(value) if isinstance(value, dict) else value
             for key, value in params.items()}
-
-
-def _replace(tree, path, value):
-    """A copy of the nested dict ``tree`` with ``tree[path]`` set to ``value``."""
-    if not path:
-        return value
-    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
 
 
 def _conv_input(target, variables, images, mask, path):
@@ -92,15 +86,13 @@ def _pca_backbone_jit(target_name: str, num_classes: int):
         stats = variables["batch_stats"]
         for path, k in _conv_calls(target, {"params": params, "batch_stats": stats}, images):
             x = _conv_input(target, {"params": params, "batch_stats": stats}, images, mask, path)
-            kernel = params
-            for key in path + ("kernel",):
-                kernel = kernel[key]
+            kernel = get_path(params, path + ("kernel",))
             c_in, c_out = kernel.shape[2], kernel.shape[3]
             m = min(c_out // 2, k * k * c_in)
             directions = principal_patch_directions(x, mask, k, m)  # [k*k*C, m], rows (C, kh, kw)
             filters = jnp.concatenate([directions, -directions], axis=1)
             filters = filters.reshape(c_in, k, k, 2 * m).transpose(1, 2, 0, 3)
-            params = _replace(params, path + ("kernel",),
+            params = replaced_path(params, path + ("kernel",),
                               jnp.concatenate([filters, kernel[..., 2 * m:]], axis=-1))
         return {**variables, "params": params}
 

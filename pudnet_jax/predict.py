@@ -14,7 +14,6 @@ Two levels:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Mapping
 

@@ -33,6 +33,13 @@ def get_path(tree: dict, path: Sequence[str]):
     return tree
 
 
+def replaced_path(tree: dict, path: Sequence[str], value) -> dict:
+    """A copy of the nested dict ``tree`` with ``tree[path]`` set to ``value`` (``tree`` unchanged)."""
+    if not path:
+        return value
+    return {**tree, path[0]: replaced_path(tree[path[0]], path[1:], value)}
+
+
 def set_path(tree: dict, path: Sequence[str], value) -> None:
     """Sets ``tree[path[0]][path[1]]... = value``, creating the nested dicts on the way."""
     for key in path[:-1]:
