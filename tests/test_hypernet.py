@@ -1,6 +1,5 @@
 """Core behaviour of the hypernetwork and the public predict function."""
 
-import functools
 
 import chex
 import jax
