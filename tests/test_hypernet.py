@@ -1,6 +1,5 @@
 """Core behaviour of the hypernetwork and the public predict function."""
 
-
 import chex
 import jax
 import jax.numpy as jnp
