@@ -10,11 +10,12 @@ scales each to unit variance: a whitened projection onto the top components). Th
 (PCA / whitening first layers: Coates & Ng 2011; patch-whitening stems in fast CIFAR-10 training)
 and costs one ``D x D`` eigendecomposition, ``D = k * k * C`` (27 for a 3x3 RGB stem).
 
-Measured before meta-training (RESULTS.md section 1, session 19): a *random* resnet8 with this
-stem, read out like predict, gains +4.0 points on CIFAR-10 (31.2 -> 35.2%) and +5.8 on GTSRB
-meta-val tasks; swapped into the shipped inter predictor without retraining it loses, because
-the predicted later layers expect the learned stem. ``hyper.stem_pca_components`` puts it in the
-meta-training loop.
+Measured (RESULTS.md section 1, session 19; ``launch/stem_probe.py``): a *random* resnet8 with
+this stem, read out like predict, gains +2.8 points on CIFAR-10 (31.16 -> 34.00%) and +5.5 on
+GTSRB meta-val tasks; swapped into the shipped inter predictor without retraining it loses (the
+predicted later layers expect the learned stem). ``hyper.stem_pca_components`` puts it in the
+meta-training loop; there it did not help the inter predictor (warm-started: -1.8 to -2.0 points
+on CIFAR-10; from step 0: +0.4, within noise), so it is off by default.
 """
 
 from __future__ import annotations
