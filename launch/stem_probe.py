@@ -65,15 +65,21 @@ def score_tasks(config, hyper_params, tasks, num_components: int) -> dict:
     return scores
 
 
-def run_probe(checkpoint: str, num_val_tasks: int, num_components: int, command: str = "") -> dict:
+def run_probe(checkpoint: str, num_val_tasks: int, num_components: int, command: str = "",
+              predict_shots: int | None = None) -> dict:
+    """Scores ``ROWS`` on meta-val and unseen tasks; ``predict_shots`` overrides the checkpoint's
+    per-class predict sample (e.g. 1000: CIFAR-10's whole support)."""
     start = time.perf_counter()
     config = checkpoints.read_config(checkpoint)
+    if predict_shots is not None:
+        config.data.predict_shots = int(predict_shots)
     if config.hyper.classifier not in ("ridge", "prototype"):
         raise ValueError(f"The probe reads backbones out with a solved classifier; {checkpoint} "
                          f"uses {config.hyper.classifier!r}.")
     hyper_params, info = checkpoints.restore_hyper_params(checkpoint, config)
     out = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_info": info, "command": command,
            "seed": int(config.seed), "stem_pca_components": num_components,
+           "predict_shots": int(config.data.predict_shots),
            "classifier": config.hyper.classifier, "ridge_lambda": float(config.hyper.ridge_lambda),
            "machine": machine_description(), "splits": {}}
     for split, tasks in (("meta_val", baselines.lr_tuning_tasks(config, num_val_tasks)),
@@ -93,7 +99,8 @@ def markdown(r: dict) -> str:
     splits = r["splits"]
     lines = [f"Checkpoint `{r['checkpoint']}`; every backbone read out as predict does ({r['classifier']}, "
              f"strength {r['ridge_lambda']:g}); PCA stem: {r['stem_pca_components']} principal patch "
-             "directions and their negatives as the first conv's first filters.", "",
+             "directions and their negatives as the first conv's first filters; predict sample: "
+             f"{r.get('predict_shots', '?')} images per class.", "",
              "| backbone | " + " | ".join(f"{s} % ({len(splits[s]['tasks'])} tasks)" for s in splits)
              + " | " + " | ".join(f"{s}: minus random init, pts" for s in splits) + " |",
              "| --- |" + " --- |" * (2 * len(splits))]
@@ -111,10 +118,13 @@ def main():
     parser.add_argument("--checkpoint", required=True, help="export dir or training workdir")
     parser.add_argument("--output", required=True)
     parser.add_argument("--num_val_tasks", type=int, default=20)
+    parser.add_argument("--predict_shots", type=int, default=None,
+                        help="images per class given to predict (default: the checkpoint's)")
     parser.add_argument("--stem_pca_components", type=int, default=8)
     args = parser.parse_args()
     command = "python launch/stem_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = run_probe(args.checkpoint, args.num_val_tasks, args.stem_pca_components, command)
+    result = run_probe(args.checkpoint, args.num_val_tasks, args.stem_pca_components, command,
+                       args.predict_shots)
     write_report(args.output, "probe", result, markdown(result))
 
 
