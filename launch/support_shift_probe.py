@@ -30,8 +30,8 @@ from pudnet_jax import baselines, checkpoints
 from pudnet_jax.evaluate import TaskEvaluator, accuracy, format_mean_ci, mean_and_ci95
 from pudnet_jax.hypernet.pudnet import RIDGE_LOGIT_SCALE
 from pudnet_jax.hypernet.ridge import ridge_classifier
-from pudnet_jax.models import get_target
 from pudnet_jax.metrics import write_report
+from pudnet_jax.models import get_target
 from pudnet_jax.train import machine_description
 
 SHIFT_SETS = {

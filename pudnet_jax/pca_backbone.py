@@ -4,7 +4,7 @@ A reference point for what the hypernetwork's meta-learning adds, computed from 
 batch alone with no meta-training: walking the target in forward order, each conv's filters
 become the top principal directions of the ``k x k x C`` patches *of its own input on the
 batch* and their negatives (PCANet, Chan et al. 2015, applied greedily to the target's own
-architecture; the first layer is ``hypernet.stem``'s). Every BatchNorm gets scale 1 and bias 0
+architecture; each layer is built as ``hypernet.stem`` builds the first). Every BatchNorm gets scale 1 and bias 0
 (a Flax ResNet zero-initialises the last BatchNorm of each block, which would switch the
 residual branches off). Read out like a prediction (``baselines.solved_readout``: BatchNorm
 statistics and the classifier solved on the batch), it is a baseline a predictor should beat.
@@ -18,24 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pudnet_jax.hypernet import target_specs
 from pudnet_jax.hypernet.head import get_path, replaced_path
-from pudnet_jax.hypernet.stem import principal_patch_directions
+from pudnet_jax.hypernet.stem import pca_stem_kernel
 from pudnet_jax.models import get_target
-
-
-def _conv_calls(target, variables, images):
-    """``(module path, kernel size)`` of every ``nn.Conv`` in the order the forward pass calls them."""
-    calls = []
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
-            calls.append((tuple(context.module.path), int(context.module.kernel_size[0])))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, x: target.apply(v, x, train=False, features_only=True),
-                       variables, images[:1])
-    return calls
 
 
 def _unit_batch_norms(params):
@@ -84,16 +70,15 @@ def _pca_backbone_jit(target_name: str, num_classes: int):
     def run(variables, images, mask):
         params = _unit_batch_norms(variables["params"])
         stats = variables["batch_stats"]
-        for path, k in _conv_calls(target, {"params": params, "batch_stats": stats}, images):
-            x = _conv_input(target, {"params": params, "batch_stats": stats}, images, mask, path)
-            kernel = get_path(params, path + ("kernel",))
-            c_in, c_out = kernel.shape[2], kernel.shape[3]
-            m = min(c_out // 2, k * k * c_in)
-            directions = principal_patch_directions(x, mask, k, m)  # [k*k*C, m], rows (C, kh, kw)
-            filters = jnp.concatenate([directions, -directions], axis=1)
-            filters = filters.reshape(c_in, k, k, 2 * m).transpose(1, 2, 0, 3)
-            params = replaced_path(params, path + ("kernel",),
-                              jnp.concatenate([filters, kernel[..., 2 * m:]], axis=-1))
+        # The target's conv kernels in forward order (layers.describe_target's record).
+        convs = [s for s in target_specs(target_name, num_classes, tuple(images.shape[1:]))
+                 if s.kind == "conv"]
+        for spec in convs:
+            x = _conv_input(target, {"params": params, "batch_stats": stats}, images, mask,
+                            spec.path[:-1])
+            m = min(spec.c_out // 2, spec.kernel_size**2 * spec.c_in)
+            kernel = pca_stem_kernel(x, mask, get_path(params, spec.path), m)
+            params = replaced_path(params, spec.path, kernel)
         return {**variables, "params": params}
 
     return jax.jit(run)

@@ -9,7 +9,8 @@ import pytest
 from pudnet_jax.evaluate import init_target
 from pudnet_jax.hypernet.stem import principal_patch_directions
 from pudnet_jax.models import get_target
-from pudnet_jax.pca_backbone import _conv_calls, _conv_input, pca_backbone
+from pudnet_jax.hypernet import target_specs
+from pudnet_jax.pca_backbone import _conv_input, pca_backbone
 
 
 def _images(n, seed=0, size=16):
@@ -30,9 +31,10 @@ def test_every_conv_is_its_own_inputs_principal_directions(target_name):
     chex.assert_trees_all_equal(out["batch_stats"], backbone["batch_stats"])
 
     target = get_target(target_name, 3, bn_momentum=0.0)
-    calls = _conv_calls(target, out, jnp.asarray(images))
-    assert len(calls) == (9 if target_name == "resnet8" else 4)  # resnet8: stem, 3 x 2 convs, 2 projections
-    for path, k in calls:
+    convs = [s for s in target_specs(target_name, 3, (16, 16, 3)) if s.kind == "conv"]
+    assert len(convs) == (9 if target_name == "resnet8" else 4)  # resnet8: stem, 3 x 2 convs, 2 projections
+    for spec in convs:
+        path, k = spec.path[:-1], spec.kernel_size
         # Later layers never change an earlier layer's input, so the final network's activations
         # are the ones each layer was computed from.
         x = _conv_input(target, out, jnp.asarray(images), jnp.asarray(mask), path)

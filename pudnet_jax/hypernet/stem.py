@@ -79,9 +79,11 @@ def principal_patch_directions(images, mask, kernel_size: int, num_components: i
 
 
 def pca_stem_kernel(images, mask, predicted_kernel, num_components: int):
-    """The first conv's HWIO kernel with its first ``2 m`` output channels data-derived.
+    """A conv's HWIO kernel with its first ``2 m`` output channels derived from its input.
 
-    Channels ``0..m-1`` are the top ``m`` principal patch directions of the batch, channels
+    ``images`` is the conv's input (for the first conv, predict's batch; ``pca_backbone`` calls
+    this for every conv with that layer's activations). Channels ``0..m-1`` are the top ``m``
+    principal patch directions of ``images``, channels
     ``m..2m-1`` their negatives; the rest (if any) keep ``predicted_kernel``'s filters. The
     filter scale does not matter (BatchNorm follows); unit norm keeps it comparable to the
     head's fan-in-normalised filters.
