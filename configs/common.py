@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     # m > 0: the target's first conv gets m principal directions of the batch's own patches (and
     # their negatives) as its first 2m filters, instead of the head's (pudnet_jax/hypernet/stem.py).
     c.hyper.stem_pca_components = 0
+    # none | pca_residual | whitened: build every conv on its own input's patch statistics on
+    # the batch, with the head's kernel as a correction or applied to whitened patches
+    # (pudnet_jax/hypernet/data_layers.py).
+    c.hyper.data_layers = "none"
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

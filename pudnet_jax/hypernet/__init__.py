@@ -30,4 +30,5 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         classifier=hyper.classifier,
         ridge_lambda=float(hyper.ridge_lambda),
         stem_pca_components=int(hyper.stem_pca_components),
+        data_layers=str(hyper.data_layers),
     )

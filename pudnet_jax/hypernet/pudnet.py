@@ -7,6 +7,8 @@
                                (optionally the first conv from the batch's patch PCA: stem.py)
       -> BatchNorm pass        one masked forward pass of the target over the same batch fills
                                batch_stats and yields the target's own penultimate features
+                               (optionally building every conv on its input's patch statistics
+                               on the way: data_layers.py)
       -> classifier            the Dense layer, solved from those features and the labels:
                                'prototype' (ProtoNet as a linear layer: columns = class means) or
                                'ridge' (closed-form ridge regression onto one-hot labels); any class
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
+from pudnet_jax.hypernet.data_layers import MODES as DATA_LAYER_MODES
+from pudnet_jax.hypernet.data_layers import forward_with_data_layers
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA, ridge_classifier
 from pudnet_jax.hypernet.stem import pca_stem_kernel
@@ -76,6 +80,10 @@ class PudNet(nn.Module):
       stem_pca_components: ``m > 0`` replaces the first ``2 m`` filters of the target's first
         conv with the top ``m`` principal directions of the batch's patches and their negatives
         (``pudnet_jax.hypernet.stem``); 0 keeps the head's filters. No parameters either way.
+      data_layers: ``'none'``, or how every conv kernel is built on its own input's patch
+        statistics during the BatchNorm pass (``pudnet_jax.hypernet.data_layers``):
+        ``'pca_residual'`` (principal directions plus the head's kernel as a correction) or
+        ``'whitened'`` (the head's kernel applied to whitened patches). No parameters.
     """
 
     target_name: str
@@ -93,11 +101,14 @@ class PudNet(nn.Module):
     classifier: str = "prototype"
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
     stem_pca_components: int = 0
+    data_layers: str = "none"
 
     @nn.compact
     def __call__(self, images, labels, mask):
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"hyper.classifier must be one of {CLASSIFIERS}; got {self.classifier!r}.")
+        if self.data_layers not in DATA_LAYER_MODES:
+            raise ValueError(f"hyper.data_layers must be one of {DATA_LAYER_MODES}; got {self.data_layers!r}.")
         image_shape = tuple(self.image_shape)
         specs = target_specs(self.target_name, self.num_classes, image_shape)
         _, prototypes, _, sketch = SetEncoder(
@@ -121,9 +132,15 @@ class PudNet(nn.Module):
         abstract = abstract_target_variables(self.target_name, self.num_classes, image_shape)
         init_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["batch_stats"])
         stats_target = get_target(self.target_name, self.num_classes, bn_momentum=0.0, parent=None)
-        target_features, updates = stats_target.apply(
-            {"params": params, "batch_stats": init_stats}, images, train=True, mask=mask,
-            features_only=True, mutable=["batch_stats"])
+        if self.data_layers == "none":
+            target_features, updates = stats_target.apply(
+                {"params": params, "batch_stats": init_stats}, images, train=True, mask=mask,
+                features_only=True, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
+        else:
+            params, target_features, batch_stats = forward_with_data_layers(
+                self.data_layers, stats_target, {"params": params, "batch_stats": init_stats},
+                images, mask)
 
         dense_row = next(i for i, s in enumerate(specs) if s.kind == "dense_kernel")
         kernel, bias = self._classifier(target_features, prototypes, sketch, labels, mask,
@@ -131,7 +148,7 @@ class PudNet(nn.Module):
         dense_path = specs[dense_row].path[:-1]
         set_path(params, dense_path + ("kernel",), kernel)
         set_path(params, dense_path + ("bias",), bias)
-        return {"params": params, "batch_stats": updates["batch_stats"]}
+        return {"params": params, "batch_stats": batch_stats}
 
     def _classifier(self, target_features, encoder_prototypes, sketch, labels, mask, dense_embedding):
         """Dense kernel ``[D, K]`` and bias ``[K]``, one column per class, equivariant to relabelling."""

@@ -61,6 +61,18 @@ def patch_moments(images, mask, kernel_size: int):
     return count, total, outer
 
 
+def patch_covariance(images, mask, kernel_size: int):
+    """``[D, D]`` covariance of the masked images' ``k x k`` patches (no gradient flows back).
+
+    The statistics are a data-derived basis, not a function to differentiate through:
+    eigenvectors' gradients blow up at nearly equal eigenvalues.
+    """
+    count, total, outer = patch_moments(jax.lax.stop_gradient(images), mask, kernel_size)
+    count = jnp.maximum(count, 1.0)
+    mean = total / count
+    return outer / count - jnp.outer(mean, mean)
+
+
 def principal_patch_directions(images, mask, kernel_size: int, num_components: int):
     """``[D, m]``: the top ``m`` principal directions of the batch's patches, unit norm.
 
@@ -68,11 +80,7 @@ def principal_patch_directions(images, mask, kernel_size: int, num_components: i
     eigendecompositions return either sign, and the predicted layers after the stem must see
     the same filter in the same channel for the same data.
     """
-    count, total, outer = patch_moments(jax.lax.stop_gradient(images), mask, kernel_size)
-    count = jnp.maximum(count, 1.0)
-    mean = total / count
-    cov = outer / count - jnp.outer(mean, mean)
-    _, vectors = jnp.linalg.eigh(cov)  # ascending eigenvalues
+    _, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size))  # ascending eigenvalues
     top = vectors[:, ::-1][:, :num_components]
     pivot = jnp.take_along_axis(top, jnp.argmax(jnp.abs(top), axis=0)[None], axis=0)
     return top * jnp.where(pivot < 0, -1.0, 1.0)

@@ -1,0 +1,125 @@
+"""Predicted conv kernels built on the second-order statistics of each conv's own input.
+
+Why. Session 19 (RESULTS.md section 1) found that a resnet8 whose every conv is computed in
+closed form from the predict batch (``pudnet_jax/pca_backbone.py``: each conv's filters are the
+principal directions of its own input's patches) reads the unseen CIFAR-10 better than the
+meta-trained predictor, and 25 points worse on the sources' tasks: the head learns what the
+sources need, the data's own statistics carry what a new kind of image needs. This module
+combines the two inside predict, for every conv, walking the target in forward order:
+
+- ``'pca_residual'``: ``kernel = P + RESIDUAL_SCALE * H``. ``P``'s first ``2 m`` filters are the
+  top ``m`` principal directions of the conv's input patches and their negatives (as
+  ``pca_backbone``), the rest zero; ``H`` is the head's kernel. With ``H = 0`` and BatchNorm at
+  (1, 0) this is exactly the PCA network, so meta-training starts from it and learns corrections.
+- ``'whitened'``: ``kernel = W H`` with ``W = (C + eps I)^(-1/2)`` the ZCA whitening of the
+  input's patch covariance ``C``: the head predicts filters for *whitened* patches, and each
+  dataset's own covariance maps them back. What the head must learn no longer includes the
+  dataset's pixel and channel correlations (grayscale sources vs a colour target).
+
+Each conv is built from the activations the already-built layers produce, so the whole network
+comes out of one forward pass over the batch: the BatchNorm pass predict runs anyway, with every
+``nn.Conv`` call intercepted (``flax.linen.intercept_methods``) to compute its kernel from its
+input first. Cost: one ``D x D`` eigendecomposition per conv (``D = k * k * C_in``; 576 for
+resnet8's widest). The statistics carry no gradient (``stem.patch_covariance``); the gradient
+reaches the head through ``H``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pudnet_jax.hypernet.head import get_path, replaced_path
+from pudnet_jax.hypernet.stem import patch_covariance, pca_stem_kernel
+
+MODES = ("none", "pca_residual", "whitened")
+# The head's kernels have filter norm ~sqrt(2) x its learned gain (He scale); the PCA filters
+# have norm 1. This factor makes the correction start at about a third of the PCA filter.
+RESIDUAL_SCALE = 0.25
+# Whitening regulariser, relative to the mean eigenvalue: directions with less variance than
+# this are not amplified beyond it (the noise floor of the smallest components).
+WHITEN_EPS = 0.1
+
+
+def _as_rows(kernel):
+    """HWIO ``[k, k, C, O]`` -> ``[C * k * k, O]`` with rows ordered (C, kh, kw) like the patches."""
+    k1, k2, c_in, c_out = kernel.shape
+    return kernel.transpose(2, 0, 1, 3).reshape(c_in * k1 * k2, c_out)
+
+
+def _from_rows(rows, shape):
+    k1, k2, c_in, c_out = shape
+    return rows.reshape(c_in, k1, k2, c_out).transpose(1, 2, 0, 3)
+
+
+def whitening_matrix(images, mask, kernel_size: int, eps: float = WHITEN_EPS):
+    """``[D, D]`` symmetric ZCA whitening ``(C + eps * mean(eig C) I)^(-1/2)`` of the batch's patches."""
+    values, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size))
+    values = jnp.maximum(values, 0.0)
+    floor = eps * jnp.mean(values) + 1e-12
+    return (vectors * jax.lax.rsqrt(values + floor)) @ vectors.T
+
+
+def data_derived_kernel(mode: str, x, mask, predicted_kernel):
+    """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's."""
+    k1, k2, c_in, c_out = predicted_kernel.shape
+    if k1 != k2:
+        raise ValueError(f"hyper.data_layers needs square conv kernels; got {k1}x{k2}.")
+    if mode == "pca_residual":
+        m = min(c_out // 2, k1 * k2 * c_in)
+        pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m)
+        return pca + RESIDUAL_SCALE * predicted_kernel
+    if mode == "whitened":
+        whiten = whitening_matrix(x, mask, k1).astype(predicted_kernel.dtype)
+        return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
+    raise ValueError(f"hyper.data_layers must be one of {MODES}; got {mode!r}.")
+
+
+def _same_conv(module: nn.Conv, x, kernel):
+    """What ``module(x)`` computes with ``kernel`` in place of its own (bias-free convs only)."""
+    if (module.use_bias or module.feature_group_count != 1
+            or module.kernel_dilation not in (None, 1, (1, 1))
+            or module.input_dilation not in (None, 1, (1, 1))):
+        raise ValueError(f"hyper.data_layers supports plain bias-free convs; {module.path} is not one.")
+    strides = module.strides if module.strides is not None else 1
+    strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+    return jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), strides, module.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def forward_with_data_layers(mode: str, target: nn.Module, variables, images, mask):
+    """One train-mode pass of ``target`` that builds every conv kernel from its input on the batch.
+
+    Args:
+      mode: ``'pca_residual'`` or ``'whitened'`` (module docstring).
+      target: the target network (BatchNorm momentum 0, so the pass writes the batch's exact
+        statistics).
+      variables: ``{'params', 'batch_stats'}``; each conv's ``kernel`` in ``params`` is the
+        head's prediction ``H``.
+      images, mask: the dataset batch ``[N, H, W, C]`` and its valid rows ``[N]``.
+
+    Returns:
+      ``(params, features, batch_stats)``: ``params`` with every conv kernel replaced by the
+      one the pass used, the target's penultimate features, and the batch's BatchNorm statistics.
+    """
+    kernels = {}
+
+    def build_conv(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, nn.Conv) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        path = tuple(module.path) + ("kernel",)
+        kernel = data_derived_kernel(mode, x, mask, get_path(variables["params"], path))
+        kernels[path] = kernel
+        return _same_conv(module, x, kernel)
+
+    with nn.intercept_methods(build_conv):
+        features, updates = target.apply(variables, images, train=True, mask=mask,
+                                         features_only=True, mutable=["batch_stats"])
+    params = variables["params"]
+    for path, kernel in kernels.items():
+        params = replaced_path(params, path, kernel)
+    return params, features, updates["batch_stats"]

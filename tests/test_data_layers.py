@@ -1,0 +1,161 @@
+"""Convs built on their own input's patch statistics (hyper.data_layers, hypernet/data_layers.py)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pudnet_jax.evaluate import init_target
+from pudnet_jax.hypernet import data_layers, stem
+from pudnet_jax.models import get_target
+from pudnet_jax.pca_backbone import pca_backbone
+from pudnet_jax.predict import init_hyper_params, make_predict_fn
+
+
+def _images(n, seed=0, size=16, channels=3):
+    rng = np.random.default_rng(seed)
+    smooth = rng.normal(size=(n, size, size, 1)).cumsum(axis=1).cumsum(axis=2) / size
+    colour = np.array([1.0, 0.7, 0.4][:channels])
+    return (smooth * colour + 0.3 * rng.normal(size=(n, size, size, channels))).astype(np.float32)
+
+
+def _unit_norms_zero_kernels(params):
+    def leaf(path, x):
+        name = path[-1].key
+        return jnp.ones_like(x) if name == "scale" else jnp.zeros_like(x)
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def test_whitening_matrix_whitens_the_patches():
+    images = jnp.asarray(_images(8, size=12))
+    mask = jnp.ones(8, bool)
+    cov = stem.patch_covariance(images, mask, 3)
+    whiten = data_layers.whitening_matrix(images, mask, 3, eps=1e-6)
+    np.testing.assert_allclose(whiten, whiten.T, atol=1e-4)
+    np.testing.assert_allclose(whiten @ cov @ whiten, np.eye(27), atol=2e-2)
+    # The regulariser caps the gain of the weakest directions: with a large eps, W C W < I.
+    damped = data_layers.whitening_matrix(images, mask, 3, eps=1.0)
+    assert np.max(np.linalg.eigvalsh(np.asarray(damped @ cov @ damped))) < 0.99
+
+
+def test_whitened_kernel_sees_whitened_patches():
+    """conv(x, W H) = (W p) . H for every patch p: the head's filters act on whitened patches."""
+    images = jnp.asarray(_images(6, size=10))
+    mask = jnp.ones(6, bool)
+    head = jax.random.normal(jax.random.key(1), (3, 3, 3, 8))
+    kernel = data_layers.data_derived_kernel("whitened", images, mask, head)
+    out = jax.lax.conv_general_dilated(images, kernel, (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision=jax.lax.Precision.HIGHEST)
+    patches = stem._patches(images, 3)  # [N, P, 27], rows ordered (C, kh, kw)
+    whiten = data_layers.whitening_matrix(images, mask, 3)
+    want = jnp.einsum("npd,ed,eo->npo", patches, whiten, data_layers._as_rows(head),
+                      precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(out.reshape(6, -1, 8), want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(data_layers._from_rows(data_layers._as_rows(head), head.shape), head)
+
+
+def test_pca_residual_with_a_zero_head_is_the_pca_network():
+    """H = 0 and BatchNorm at (1, 0): one intercepted pass gives pca_backbone's kernels, which
+    builds the layers one full forward pass at a time."""
+    images = _images(12)
+    mask = np.ones(12, bool)
+    variables = init_target("resnet8", 3, (16, 16, 3), seed=0)
+    zero_head = _unit_norms_zero_kernels(variables["params"])
+    target = get_target("resnet8", 3, bn_momentum=0.0)
+    params, features, stats = data_layers.forward_with_data_layers(
+        "pca_residual", target, {"params": zero_head, "batch_stats": variables["batch_stats"]},
+        jnp.asarray(images), jnp.asarray(mask))
+    reference = pca_backbone("resnet8", variables, images, mask)
+    chex.assert_trees_all_equal_shapes(params, reference["params"])
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree.leaves(reference["params"])):
+        if path[-1].key == "kernel" and got.ndim == 4:
+            np.testing.assert_allclose(got, want, atol=3e-3, err_msg=jax.tree_util.keystr(path))
+    # The features and statistics are those of the network the pass built.
+    again, updates = target.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                  jnp.asarray(images), train=True, mask=jnp.asarray(mask),
+                                  features_only=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(features, again, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(stats, updates["batch_stats"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["pca_residual", "whitened"])
+def test_predict_with_data_layers(tiny_config, mode):
+    """Same tree and hypernetwork parameters as without; the first conv is the data-derived
+    kernel of the head's; padding rows change nothing; relabelling permutes the classifier;
+    gradients reach the head."""
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.data_layers = mode
+    params = init_hyper_params(tiny_config, jax.random.key(0))
+    chex.assert_trees_all_equal_shapes(init_hyper_params(config, jax.random.key(0)), params)
+    rng = np.random.default_rng(0)
+    labels = (np.arange(20) % 5).astype(np.int32)
+    images = rng.normal(size=(20, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None] * 0.3
+    batch = {"image": images, "label": labels, "mask": np.ones(20, bool)}
+    predict, plain = jax.jit(make_predict_fn(config)), jax.jit(make_predict_fn(tiny_config))
+    got, head_only = predict(params, batch), plain(params, batch)
+    chex.assert_trees_all_equal_shapes(got, head_only)
+    want = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
+                                           head_only["params"]["conv_init"]["kernel"])
+    np.testing.assert_allclose(got["params"]["conv_init"]["kernel"], want, rtol=1e-3, atol=1e-4)
+    assert not np.allclose(got["params"]["ResNetBlock_2"]["Conv_1"]["kernel"],
+                           head_only["params"]["ResNetBlock_2"]["Conv_1"]["kernel"], atol=1e-3)
+
+    padded = {"image": np.concatenate([images, 100.0 * images[:6]]),
+              "label": np.concatenate([labels, labels[:6]]), "mask": np.r_[np.ones(20, bool), np.zeros(6, bool)]}
+    chex.assert_trees_all_close(predict(params, padded), got, rtol=2e-3, atol=2e-3)
+    perm = np.array([3, 0, 4, 1, 2])
+    relabelled = predict(params, {**batch, "label": perm[labels].astype(np.int32)})
+    target = get_target("resnet8", 5)
+    np.testing.assert_allclose(np.asarray(target.apply(relabelled, images, train=False))[:, perm],
+                               np.asarray(target.apply(got, images, train=False)), rtol=1e-3, atol=1e-3)
+
+
+def test_meta_training_through_data_layers_learns(tiny_config):
+    """A few Adam steps on the hypernetwork lower a held-out query loss of the predicted
+    network: the gradient reaches the head through the data-derived kernels."""
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.data_layers = "whitened"
+    config.hyper.classifier = "ridge"
+    rng = np.random.default_rng(3)
+    prototypes = rng.normal(size=(5, 1, 1, 3)).astype(np.float32)
+
+    def draw(n):
+        labels = (np.arange(n) % 5).astype(np.int32)
+        noise = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+        return noise + 0.4 * prototypes[labels] * np.linspace(-1, 1, 32)[None, :, None, None], labels
+
+    support, support_labels = draw(40)
+    queries, query_labels = draw(40)
+    batch = {"image": support, "label": support_labels, "mask": np.ones(40, bool)}
+    target = get_target("resnet8", 5)
+    predict = make_predict_fn(config)
+
+    def loss(p):
+        logits = target.apply(predict(p, batch), queries, train=False)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(40), query_labels])
+
+    params = init_hyper_params(config, jax.random.key(0))
+    optimizer = optax.adam(3e-3)
+    state = optimizer.init(params)
+    step = jax.jit(lambda p, s: (lambda l, g: (l, *optimizer.update(g, s, p)))(*jax.value_and_grad(loss)(p)))
+    losses = []
+    for _ in range(12):
+        value, updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(value))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_an_unknown_mode_is_refused(tiny_config):
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.data_layers = "zca"
+    with pytest.raises(ValueError, match="hyper.data_layers"):
+        init_hyper_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="hyper.data_layers"):
+        data_layers.data_derived_kernel("zca", jnp.zeros((2, 8, 8, 3)), jnp.ones(2, bool),
+                                        jnp.zeros((3, 3, 3, 4)))
