@@ -13,7 +13,9 @@
   init read out this way is the zero-shot baseline a predictor must beat to show its backbone
   is worth predicting (random init with its random Dense layer is near chance). Where predict
   computes the first conv from the batch (``hyper.stem_pca_components``), so does this read-out
-  (``with_pca_stem``): the comparison then measures what the predicted layers add.
+  (``with_pca_stem``); where predict builds every conv on its input's patch statistics
+  (``hyper.data_layers``), the random kernels go through the same construction
+  (``with_data_layers``): the comparison then measures what the predicted layers add.
 - ``refit_classifier``: the Dense layer re-solved by ridge regression on the network's own
   features over the whole support. Fine-tuning a predictor whose classifier was itself solved
   in closed form (``hyper.classifier=ridge``) can re-solve it after each epoch instead of relying
@@ -44,6 +46,7 @@ import optax
 from pudnet_jax import data, train
 from pudnet_jax.evaluate import accuracy, fixed_shape_chunks, init_target
 from pudnet_jax.hypernet import build_hypernet, target_specs
+from pudnet_jax.hypernet.data_layers import forward_with_data_layers
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.head import get_path, replaced_path
 from pudnet_jax.hypernet.pudnet import ABSENT_CLASS_BIAS
@@ -349,9 +352,29 @@ def with_pca_stem(target_name: str, variables, batch, num_components: int):
     return {**variables, "params": replaced_path(variables["params"], path, kernel)}
 
 
+@functools.lru_cache(maxsize=16)
+def _data_layers_fn(target_name: str, num_classes: int, mode: str):
+    stats_target = get_target(target_name, num_classes, bn_momentum=0.0)
+
+    def build(variables, images, mask):
+        params, _, _ = forward_with_data_layers(mode, stats_target, variables, images, mask)
+        return {**variables, "params": params}
+
+    return jax.jit(build)
+
+
+def with_data_layers(target_name: str, variables, batch, mode: str):
+    """``variables`` with every conv kernel taken as the head's ``H`` and rebuilt on ``batch`` as
+    predict builds it under ``hyper.data_layers=mode`` (``hypernet.data_layers``); the input is
+    not modified (its BatchNorm parameters are kept; a read-out recomputes the statistics)."""
+    num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
+    return _data_layers_fn(target_name, num_classes, mode)(
+        variables, jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["mask"], bool))
+
+
 def random_backbone_accuracy(config, task, seed: int) -> float | None:
     """Test accuracy of a randomly initialised target read out like a predicted one (with the
-    data-derived first layer too, where predict has one).
+    data-derived first layer or data-derived layers too, where predict has them).
 
     None for the 'generated' classifier (its Dense layer comes from learned maps, not a solve).
     """
@@ -363,5 +386,7 @@ def random_backbone_accuracy(config, task, seed: int) -> float | None:
     backbone = init_target(target_name, task.num_classes, task.test_images.shape[1:], seed)
     if config.hyper.stem_pca_components:
         backbone = with_pca_stem(target_name, backbone, batch, config.hyper.stem_pca_components)
+    if config.hyper.data_layers != "none":
+        backbone = with_data_layers(target_name, backbone, batch, config.hyper.data_layers)
     variables = solved_readout(target_name, backbone, batch, classifier, config.hyper.ridge_lambda)
     return accuracy(target_name, variables, task.test_images, task.test_labels)

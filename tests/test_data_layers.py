@@ -159,3 +159,40 @@ def test_an_unknown_mode_is_refused(tiny_config):
     with pytest.raises(ValueError, match="hyper.data_layers"):
         data_layers.data_derived_kernel("zca", jnp.zeros((2, 8, 8, 3)), jnp.ones(2, bool),
                                         jnp.zeros((3, 3, 3, 4)))
+
+
+def test_random_backbone_baseline_goes_through_the_same_data_layers(tiny_config):
+    """The benchmark's 'random init read out as predict' row applies the predictor's data
+    layers to the random kernels (baselines.with_data_layers), so it measures what the
+    meta-trained head adds; the given variables are not modified."""
+    from pudnet_jax import baselines
+
+    images = _images(9, size=32)
+    batch = {"image": images, "label": (np.arange(9) % 3).astype(np.int32), "mask": np.ones(9, bool)}
+    backbone = init_target("resnet8", 3, (32, 32, 3), seed=0)
+    before = jax.tree.map(np.array, backbone)
+    out = baselines.with_data_layers("resnet8", backbone, batch, "whitened")
+    chex.assert_trees_all_equal(backbone, before)
+    chex.assert_trees_all_equal_shapes(out, backbone)
+    want = data_layers.data_derived_kernel("whitened", jnp.asarray(images), jnp.ones(9, bool),
+                                           backbone["params"]["conv_init"]["kernel"])
+    np.testing.assert_allclose(out["params"]["conv_init"]["kernel"], want, rtol=1e-3, atol=1e-4)
+    chex.assert_trees_all_equal(out["params"]["Dense_0"], backbone["params"]["Dense_0"])
+
+    class Task:
+        num_classes = 3
+        test_images = _images(9, seed=2, size=32)
+        test_labels = batch["label"]
+
+        def dataset_batch(self):
+            return batch
+
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.classifier = "ridge"
+    plain = baselines.random_backbone_accuracy(config, Task(), seed=0)
+    config.hyper.data_layers = "whitened"
+    whitened = baselines.random_backbone_accuracy(config, Task(), seed=0)
+    variables = baselines.solved_readout("resnet8", out, batch, "ridge", config.hyper.ridge_lambda)
+    from pudnet_jax.evaluate import accuracy
+    assert whitened == pytest.approx(accuracy("resnet8", variables, Task.test_images, Task.test_labels))
+    assert 0.0 <= plain <= 1.0
