@@ -11,7 +11,11 @@ predict sample, then the checkpoint's classifier solved on it: ``baselines.solve
 - the same random target with the PCA stem;
 - the PCA network: the same random target with *every* conv from the principal directions of its
   own input's patches (``pudnet_jax.pca_backbone``): a closed-form, data-derived backbone with
-  no meta-training at all.
+  no meta-training at all;
+- the random target's kernels taken as the head's and rebuilt on the sample by each
+  ``hyper.data_layers`` mode (``baselines.with_data_layers``): ``whitened`` (random filters on
+  whitened patches) and ``pca_residual`` (principal directions plus a quarter of the random
+  kernel), the references a predictor meta-trained with that mode starts from.
 
 Scored on meta-val tasks (the tasks that tune everything else, ``baselines.lr_tuning_tasks``) and on
 the checkpoint's unseen tasks (for inter: the held-out dataset, predicted whole).
@@ -42,7 +46,8 @@ from pudnet_jax.pca_backbone import pca_backbone
 from pudnet_jax.train import machine_description, make_test_tasks
 
 ROWS = ("predicted", "predicted, PCA stem", "random init", "random init, PCA stem",
-        "PCA network (every conv; no meta-training)")
+        "PCA network (every conv; no meta-training)",
+        "random init, data layers 'whitened'", "random init, data layers 'pca_residual'")
 
 
 def score_tasks(config, hyper_params, tasks, num_components: int) -> dict:
@@ -58,7 +63,9 @@ def score_tasks(config, hyper_params, tasks, num_components: int) -> dict:
                              random_init_seed(config, i))
         backbones = (predicted, baselines.with_pca_stem(target, predicted, batch, num_components),
                      random, baselines.with_pca_stem(target, random, batch, num_components),
-                     pca_backbone(target, random, batch["image"], batch["mask"]))
+                     pca_backbone(target, random, batch["image"], batch["mask"]),
+                     baselines.with_data_layers(target, random, batch, "whitened"),
+                     baselines.with_data_layers(target, random, batch, "pca_residual"))
         for name, backbone in zip(ROWS, backbones):
             variables = baselines.solved_readout(target, backbone, batch, classifier, lam)
             scores[name].append(accuracy(target, variables, task.test_images, task.test_labels))
@@ -104,7 +111,7 @@ def markdown(r: dict) -> str:
              "| backbone | " + " | ".join(f"{s} % ({len(splits[s]['tasks'])} tasks)" for s in splits)
              + " | " + " | ".join(f"{s}: minus random init, pts" for s in splits) + " |",
              "| --- |" + " --- |" * (2 * len(splits))]
-    for name in ROWS:
+    for name in (n for n in ROWS if all(n in splits[s]["rows"] for s in splits)):
         cells = [format_mean_ci(splits[s]["rows"][name]["accuracy"]) for s in splits]
         cells += [format_mean_ci(splits[s]["rows"][name]["minus_random_init"]) for s in splits]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -356,7 +356,7 @@ def test_ci95_uses_student_t_over_tasks():
 @pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
 def test_stem_probe_reads_every_backbone_out_as_predict_does(hyper, tmp_path):
     """launch/stem_probe.py: its 'predicted' row is predict's own accuracy, its random rows are
-    the benchmark's random-init read-out without and with the PCA stem, draw for draw; the
+    the benchmark's random-init read-out without and with the PCA stem or data layers, draw for draw; the
     report round-trips through metrics.write_report."""
     from launch.stem_probe import markdown, run_probe
     from pudnet_jax.evaluate import TaskEvaluator, random_init_seed
@@ -377,7 +377,10 @@ def test_stem_probe_reads_every_backbone_out_as_predict_does(hyper, tmp_path):
         TaskEvaluator(c).evaluate(hyper_params, tasks)["per_task_predicted"])
     stem_config = c.copy_and_resolve_references()
     stem_config.hyper.stem_pca_components = 4
-    for row, config in (("random init", c), ("random init, PCA stem", stem_config)):
+    whitened_config = c.copy_and_resolve_references()
+    whitened_config.hyper.data_layers = "whitened"
+    for row, config in (("random init", c), ("random init, PCA stem", stem_config),
+                        ("random init, data layers 'whitened'", whitened_config)):
         want = [baselines.random_backbone_accuracy(config, t, random_init_seed(config, i))
                 for i, t in enumerate(tasks)]
         assert unseen[row]["per_task"] == pytest.approx(want), row
