@@ -43,3 +43,55 @@ _CACHE_DIR = os.environ.setdefault(
     "PUDNET_TEST_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pudnet_jax", "xla_test_cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture
+def check_padding_and_relabelling():
+    """``check(predict, params, batch, got, tol)``: two properties every predict fn must have on a
+    5-class resnet8 ``batch`` it predicted ``got`` for: 6 masked rows of garbage (100x) change
+    nothing, and relabelling the classes permutes the predicted network's logits the same way."""
+    import chex
+    import numpy as np
+
+    from pudnet_jax.models import get_target
+
+    def check(predict, params, batch, got, tol):
+        images, labels = batch["image"], batch["label"]
+        n = len(labels)
+        padded = {"image": np.concatenate([images, 100.0 * images[:6]]),
+                  "label": np.concatenate([labels, labels[:6]]),
+                  "mask": np.r_[np.ones(n, bool), np.zeros(6, bool)]}
+        chex.assert_trees_all_close(predict(params, padded), got, rtol=tol, atol=tol)
+        perm = np.array([3, 0, 4, 1, 2])
+        relabelled = predict(params, {**batch, "label": perm[labels].astype(np.int32)})
+        target = get_target("resnet8", 5)
+        np.testing.assert_allclose(np.asarray(target.apply(relabelled, images, train=False))[:, perm],
+                                   np.asarray(target.apply(got, images, train=False)), rtol=tol, atol=tol)
+
+    return check
+
+
+@pytest.fixture
+def predict_against_plain(tiny_config):
+    """``run(config)`` for a predict option that adds no parameters (``config`` = ``tiny_config``
+    with the option on): asserts both configs give the same parameter tree, predicts with each
+    for the same 20-image, 5-class batch, checks the two outputs have the same tree, and returns
+    ``(params, batch, got, plain_output, predict)``."""
+    import chex
+    import numpy as np
+
+    from pudnet_jax.predict import init_hyper_params, make_predict_fn
+
+    def run(config):
+        params = init_hyper_params(tiny_config, jax.random.key(0))
+        chex.assert_trees_all_equal_shapes(init_hyper_params(config, jax.random.key(0)), params)
+        rng = np.random.default_rng(0)
+        labels = (np.arange(20) % 5).astype(np.int32)
+        images = rng.normal(size=(20, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None] * 0.3
+        batch = {"image": images, "label": labels, "mask": np.ones(20, bool)}
+        predict, plain = jax.jit(make_predict_fn(config)), jax.jit(make_predict_fn(tiny_config))
+        got, plain_output = predict(params, batch), plain(params, batch)
+        chex.assert_trees_all_equal_shapes(got, plain_output)
+        return params, batch, got, plain_output, predict
+
+    return run

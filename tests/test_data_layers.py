@@ -83,35 +83,21 @@ def test_pca_residual_with_a_zero_head_is_the_pca_network():
 
 
 @pytest.mark.parametrize("mode", ["pca_residual", "whitened"])
-def test_predict_with_data_layers(tiny_config, mode):
+def test_predict_with_data_layers(tiny_config, mode, predict_against_plain, check_padding_and_relabelling):
     """Same tree and hypernetwork parameters as without; the first conv is the data-derived
-    kernel of the head's; padding rows change nothing; relabelling permutes the classifier;
-    gradients reach the head."""
+    kernel of the head's and the deepest conv is not the head's; padding rows change nothing; relabelling
+    permutes the classifier (the gradient: test_meta_training_through_data_layers_learns)."""
     config = tiny_config.copy_and_resolve_references()
     config.hyper.data_layers = mode
-    params = init_hyper_params(tiny_config, jax.random.key(0))
-    chex.assert_trees_all_equal_shapes(init_hyper_params(config, jax.random.key(0)), params)
-    rng = np.random.default_rng(0)
-    labels = (np.arange(20) % 5).astype(np.int32)
-    images = rng.normal(size=(20, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None] * 0.3
-    batch = {"image": images, "label": labels, "mask": np.ones(20, bool)}
-    predict, plain = jax.jit(make_predict_fn(config)), jax.jit(make_predict_fn(tiny_config))
-    got, head_only = predict(params, batch), plain(params, batch)
-    chex.assert_trees_all_equal_shapes(got, head_only)
+    params, batch, got, head_only, predict = predict_against_plain(config)
+    images = batch["image"]
     want = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
                                            head_only["params"]["conv_init"]["kernel"])
     np.testing.assert_allclose(got["params"]["conv_init"]["kernel"], want, rtol=1e-3, atol=1e-4)
     assert not np.allclose(got["params"]["ResNetBlock_2"]["Conv_1"]["kernel"],
                            head_only["params"]["ResNetBlock_2"]["Conv_1"]["kernel"], atol=1e-3)
 
-    padded = {"image": np.concatenate([images, 100.0 * images[:6]]),
-              "label": np.concatenate([labels, labels[:6]]), "mask": np.r_[np.ones(20, bool), np.zeros(6, bool)]}
-    chex.assert_trees_all_close(predict(params, padded), got, rtol=2e-3, atol=2e-3)
-    perm = np.array([3, 0, 4, 1, 2])
-    relabelled = predict(params, {**batch, "label": perm[labels].astype(np.int32)})
-    target = get_target("resnet8", 5)
-    np.testing.assert_allclose(np.asarray(target.apply(relabelled, images, train=False))[:, perm],
-                               np.asarray(target.apply(got, images, train=False)), rtol=1e-3, atol=1e-3)
+    check_padding_and_relabelling(predict, params, batch, got, 2e-3)
 
 
 def test_meta_training_through_data_layers_learns(tiny_config):

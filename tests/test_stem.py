@@ -8,7 +8,7 @@ import pytest
 
 from pudnet_jax.hypernet import stem
 from pudnet_jax.models import get_target
-from pudnet_jax.predict import init_hyper_params, make_predict_fn
+from pudnet_jax.predict import make_predict_fn
 
 
 def _images(n, seed=0, size=12, channels=3):
@@ -82,35 +82,22 @@ def test_component_counts_the_layer_cannot_hold_are_refused(m):
         stem.pca_stem_kernel(jnp.asarray(_images(2)), jnp.ones(2, bool), jnp.zeros((3, 3, 3, 16)), m)
 
 
-def test_predict_with_the_pca_stem(tiny_config):
+def test_predict_with_the_pca_stem(tiny_config, predict_against_plain, check_padding_and_relabelling):
     """Same tree and parameters as without it; the first conv's first 2 m filters are the
     batch's +- principal directions (the rest the head's); padding and relabelling behave as
     everywhere in predict; gradients reach the hypernetwork."""
     config = tiny_config.copy_and_resolve_references()
     config.hyper.stem_pca_components = 4
-    params = init_hyper_params(tiny_config, jax.random.key(0))
-    chex.assert_trees_all_equal_shapes(init_hyper_params(config, jax.random.key(0)), params)
-    rng = np.random.default_rng(0)
-    labels = (np.arange(20) % 5).astype(np.int32)
-    images = rng.normal(size=(20, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None] * 0.3
-    batch = {"image": images, "label": labels, "mask": np.ones(20, bool)}
-    predict, plain = jax.jit(make_predict_fn(config)), jax.jit(make_predict_fn(tiny_config))
-    got, head_only = predict(params, batch), plain(params, batch)
-    chex.assert_trees_all_equal_shapes(got, head_only)
+    params, batch, got, head_only, predict = predict_against_plain(config)
+    images, labels = batch["image"], batch["label"]
     kernel = got["params"]["conv_init"]["kernel"]
     directions = stem.principal_patch_directions(jnp.asarray(images), jnp.ones(20, bool), 3, 4)
     want = jnp.concatenate([directions, -directions], 1).reshape(3, 3, 3, 8).transpose(1, 2, 0, 3)
     np.testing.assert_allclose(kernel[..., :8], want, atol=1e-4)  # eigh in and out of jit
     np.testing.assert_array_equal(kernel[..., 8:], head_only["params"]["conv_init"]["kernel"][..., 8:])
 
-    padded = {"image": np.concatenate([images, 100.0 * images[:6]]),
-              "label": np.concatenate([labels, labels[:6]]), "mask": np.r_[np.ones(20, bool), np.zeros(6, bool)]}
-    chex.assert_trees_all_close(predict(params, padded), got, rtol=1e-4, atol=1e-4)
-    perm = np.array([3, 0, 4, 1, 2])
-    relabelled = predict(params, {**batch, "label": perm[labels].astype(np.int32)})
+    check_padding_and_relabelling(predict, params, batch, got, 1e-4)
     target = get_target("resnet8", 5)
-    np.testing.assert_allclose(np.asarray(target.apply(relabelled, images, train=False))[:, perm],
-                               np.asarray(target.apply(got, images, train=False)), rtol=1e-4, atol=1e-4)
 
     def loss(p):
         variables = make_predict_fn(config)(p, batch)
