@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the batch, with the head's kernel as a correction or applied to whitened patches
     # (pudnet_jax/hypernet/data_layers.py).
     c.hyper.data_layers = "none"
+    # s > 1: data_layers estimate each conv's patch statistics from every s-th patch position
+    # per axis (s**2 times less work for the costliest part of predict under data_layers).
+    c.hyper.data_layers_patch_stride = 1
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

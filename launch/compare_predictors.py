@@ -15,7 +15,9 @@ and reports each one's accuracy and its paired difference to the first.
 factors (same parameters; the set encoder reads images pooled by the factor), and
 ``--predict_shots`` overrides the predict sample (images per class), so a cheaper operating point
 of one predictor is chosen on meta-val too. ``--mirror_support=0,1`` likewise scores each one
-without and with ``hyper.mirror_support`` (predict also reads mirrored images). Each row reports
+without and with ``hyper.mirror_support`` (predict also reads mirrored images), and
+``--data_layers_patch_stride=1,2`` at each ``hyper.data_layers_patch_stride`` (predictors with
+``hyper.data_layers``: their patch statistics from every s-th position). Each row reports
 the median predict time beside the accuracy.
 
 ``--source_dataset=fashion_mnist`` (inter predictors only) replaces the meta-val tasks by
@@ -48,7 +50,7 @@ from pudnet_jax.train import machine_description
 
 
 def _variant(config, predict_shots: int | None, encoder_downsample: int | None,
-             mirror_support: bool | None = None):
+             mirror_support: bool | None = None, patch_stride: int | None = None):
     config = copy.deepcopy(config)
     with config.unlocked():
         if predict_shots is not None:
@@ -57,6 +59,8 @@ def _variant(config, predict_shots: int | None, encoder_downsample: int | None,
             config.hyper.encoder_downsample = int(encoder_downsample)
         if mirror_support is not None:
             config.hyper.mirror_support = bool(mirror_support)
+        if patch_stride is not None:
+            config.hyper.data_layers_patch_stride = int(patch_stride)
     return config
 
 
@@ -76,15 +80,17 @@ def source_dataset_tasks(config, dataset: str, num_tasks: int):
 
 def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = None,
             encoder_downsample: list[int] | None = None, mirror_support: list[bool] | None = None,
-            source_dataset: str | None = None) -> dict:
+            source_dataset: str | None = None, patch_strides: list[int] | None = None) -> dict:
     """Per-task meta-val accuracy of each predictor in ``paths`` (at each encoder factor in
-    ``encoder_downsample`` and each ``mirror_support`` setting, if given) on the first one's
-    meta-val tasks (or on tasks of an inter predictor's source dataset, ``source_dataset``)."""
+    ``encoder_downsample``, each ``mirror_support`` setting and each data-layer patch stride in
+    ``patch_strides``, if given) on the first one's meta-val tasks (or on tasks of an inter
+    predictor's source dataset, ``source_dataset``)."""
     factors = list(encoder_downsample or [None])
     mirrors = list(mirror_support or [None])
-    if len(paths) * len(factors) * len(mirrors) < 2:
+    strides = list(patch_strides or [None])
+    if len(paths) * len(factors) * len(mirrors) * len(strides) < 2:
         raise ValueError(f"need at least two predictors (or variants) to compare, got "
-                         f"{paths} x {factors} x {mirrors}")
+                         f"{paths} x {factors} x {mirrors} x {strides}")
     start = time.perf_counter()
     configs = [_variant(checkpoints.read_config(path), predict_shots, None) for path in paths]
     reference = configs[0]
@@ -99,15 +105,20 @@ def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = No
     rows = []
     for path, config in zip(paths, configs):
         params, info = checkpoints.restore_hyper_params(path, config)
-        for factor, mirror in itertools.product(factors, mirrors):
-            variant = _variant(config, None, factor, mirror)
+        for factor, mirror, stride in itertools.product(factors, mirrors, strides):
+            if stride is not None and config.hyper.data_layers == "none":
+                raise ValueError(f"--data_layers_patch_stride: {path} has no hyper.data_layers "
+                                 "(the stride would change nothing).")
+            variant = _variant(config, None, factor, mirror, stride)
             result = TaskEvaluator(variant).evaluate(params, tasks)
             name = path + "".join(f" @ {key}={value}" for key, value in
-                                  (("encoder_downsample", factor), ("mirror_support", mirror))
+                                  (("encoder_downsample", factor), ("mirror_support", mirror),
+                                   ("data_layers_patch_stride", stride))
                                   if value is not None)
             rows.append({"checkpoint": name, "info_step": info.get("step"),
                          "encoder_downsample": int(variant.hyper.encoder_downsample),
                          "mirror_support": bool(variant.hyper.mirror_support),
+                         "data_layers_patch_stride": int(variant.hyper.data_layers_patch_stride),
                          "per_task": result["per_task_predicted"], "predicted": result["predicted"],
                          "predict_seconds_median": result["predict_seconds_median"]})
     base = np.array(rows[0]["per_task"])
@@ -150,6 +161,8 @@ def main() -> None:
                         help="comma-separated hyper.encoder_downsample factors to score each predictor at")
     parser.add_argument("--mirror_support", default=None,
                         help="comma-separated 0/1: score each predictor without / with hyper.mirror_support")
+    parser.add_argument("--data_layers_patch_stride", default=None,
+                        help="comma-separated hyper.data_layers_patch_stride values to score each predictor at")
     parser.add_argument("--source_dataset", default=None,
                         help="inter only: score on whole-dataset tasks of this source dataset instead")
     args = parser.parse_args()
@@ -157,8 +170,10 @@ def main() -> None:
                if args.encoder_downsample else None)
     mirrors = ([bool(int(m)) for m in args.mirror_support.split(",")]
                if args.mirror_support else None)
+    strides = ([int(s) for s in args.data_layers_patch_stride.split(",")]
+               if args.data_layers_patch_stride else None)
     result = compare(args.checkpoints.split(","), args.num_val_tasks, args.predict_shots, factors,
-                     mirrors, args.source_dataset)
+                     mirrors, args.source_dataset, strides)
     write_report(args.output, "compare", result, markdown(result))
 
 

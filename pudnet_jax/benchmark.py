@@ -14,6 +14,13 @@ Predicted / random init / nearest prototype run on all fixed unseen tasks; the t
 baselines (slow) on the first ``config.eval.num_baseline_tasks``. Speedup = from-scratch time to
 first reach the predicted accuracy / predict time, on the mean curves of those same tasks (epoch
 granularity, no interpolation; ">" when never reached within the epoch budget).
+
+``--seed`` is the evaluation's seed (from-scratch initialisation and batch order, random-init
+draws, the LR sweeps), 0 unless given: the predictor's own meta-training seed (its
+``config.seed``) plays no part, so every predictor is measured against the same from-scratch
+runs. ``--scratch_seeds=k`` trains from scratch ``k`` times per baseline task (seeds ``seed + i
++ 1000 j``) and averages the curves: the inter setting has a single task, so without it the
+from-scratch bar is one run, and one run of one epoch moves by points from seed to seed.
 """
 
 from __future__ import annotations
@@ -126,10 +133,16 @@ def _curve_stats(runs, refit: bool = False) -> dict:
             "epoch_seconds_mean": sec.mean(0).tolist()}
 
 
+# Seed offset between the repeated from-scratch runs of one task (``scratch_seeds``): far from
+# the per-task offsets ``seed + i``, so no two runs share a seed.
+SCRATCH_SEED_STRIDE = 1000
+
+
 def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=None,
                   scratch_lr=None, finetune_lrs=None, lr_tune_tasks: int = 3, lr_tune_epochs=None,
                   predict_repeats: int = 3, command: str | None = None,
-                  config_arg: str | None = None, frontier_shots=(), frontier_val_tasks: int = 10) -> dict:
+                  config_arg: str | None = None, frontier_shots=(), frontier_val_tasks: int = 10,
+                  scratch_seeds: int = 1) -> dict:
     """Runs the protocol for ``config`` (``config.eval`` sizes the baselines) -> results dict.
 
     ``scratch_lr`` fixes the from-scratch LR (else tuned over ``config.eval.scratch_lrs``);
@@ -139,13 +152,16 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     after each epoch (``baselines.refit_classifier``, its LR tuned by the same sweep).
     ``frontier_shots``: other predict-sample sizes to score and time against the same
     from-scratch curve (``predict_sample_frontier``; meta-val on ``frontier_val_tasks`` tasks).
+    ``scratch_seeds``: from-scratch runs per baseline task (seeds ``config.seed + i +
+    SCRATCH_SEED_STRIDE * j``); the curves, the speedup and the CI are over all of them.
     """
     # Explicit None checks: 0 is a value (and a wrong one), not "use the config's default".
     e, d = config.eval, config.data
     num_baseline_tasks = e.num_baseline_tasks if num_baseline_tasks is None else num_baseline_tasks
     lr_tune_epochs = e.scratch_epochs if lr_tune_epochs is None else lr_tune_epochs
     for name, value in (("num_baseline_tasks", num_baseline_tasks), ("lr_tune_epochs", lr_tune_epochs),
-                        ("lr_tune_tasks", lr_tune_tasks), ("predict_repeats", predict_repeats)):
+                        ("lr_tune_tasks", lr_tune_tasks), ("predict_repeats", predict_repeats),
+                        ("scratch_seeds", scratch_seeds)):
         if int(value) < 1:
             raise ValueError(f"run_benchmark: {name} must be at least 1, got {value}.")
     wall_start = time.perf_counter()
@@ -197,8 +213,11 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     for i, task in enumerate(tasks[:n_base]):
         args = (target_name, task.num_classes, task.support_images, task.support_labels,
                 task.test_images, task.test_labels)
-        scratch = baselines.train_from_scratch(*args, lr=scratch_lr, epochs=e.scratch_epochs,
-                                               batch_size=e.batch_size, seed=config.seed + i)
+        seed_runs = [baselines.train_from_scratch(*args, lr=scratch_lr, epochs=e.scratch_epochs,
+                                                  batch_size=e.batch_size,
+                                                  seed=config.seed + i + SCRATCH_SEED_STRIDE * j)
+                     for j in range(int(scratch_seeds))]
+        scratch = seed_runs[0]
         # Time predict again right after the training run: on a shared machine the load drifts
         # over a long benchmark, and the speedup should compare times taken under the same load.
         # The speedup uses the mean of this and the first timing (before all baselines).
@@ -215,16 +234,18 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
             baselines.train_from_scratch(*args, lr=refit_lr, epochs=e.finetune_epochs,
                                          batch_size=e.batch_size, seed=config.seed + i,
                                          init_variables=predicted_vars, refit_ridge_lambda=refit_lambda))
-        for run in (scratch, finetune, refit):
+        for run in (*seed_runs, finetune, refit):
             run.pop("variables", None)
-        scratch_runs.append(scratch)
+        scratch_runs.extend(seed_runs)
         finetune_runs.append(finetune)
         refit_runs.append(refit)
         target = per_task[i]["predicted"]
+        task_curve = _curve_stats(seed_runs)  # this task's mean over its seeds
         base_rows.append({"name": task.name, "scratch": scratch, "finetune": finetune,
+                          **({"scratch_other_seeds": seed_runs[1:]} if len(seed_runs) > 1 else {}),
                           **({"finetune_refit": refit} if refit is not finetune else {}),
                           "scratch_seconds_to_reach_predicted": time_to_reach(
-                              scratch["epoch_accuracy"], scratch["epoch_seconds_cumulative"], target)})
+                              task_curve["epoch_accuracy_mean"], task_curve["epoch_seconds_mean"], target)})
 
     base_predicted = [r["predicted"] for r in per_task[:n_base]]
     base_predict_s = float(np.mean([(r["predict_seconds"] + r["predict_seconds_after_scratch"]) / 2
@@ -240,7 +261,8 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
         # 1/5/15-min load averages before and after: on a shared machine, context for the times.
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "protocol": {"num_tasks": len(tasks), "num_baseline_tasks": n_base,
-                     "scratch_epochs": int(e.scratch_epochs), "finetune_epochs": int(e.finetune_epochs),
+                     "scratch_epochs": int(e.scratch_epochs), "scratch_seeds": int(scratch_seeds),
+                     "finetune_epochs": int(e.finetune_epochs),
                      "finetune_lr": finetune_lr, "batch_size": int(e.batch_size),
                      "finetune_refit_lr": refit_lr if refit_lambda is not None else None,
                      "refit_ridge_lambda": refit_lambda,
@@ -292,6 +314,15 @@ def _lr_note(t: dict) -> str:
     return note
 
 
+def _seed_note(r: dict) -> str:
+    """Each from-scratch run's epoch-1 accuracy, per baseline task: how far one seed moves the bar."""
+    notes = []
+    for row in r["per_baseline_task"]:
+        runs = [row["scratch"], *row.get("scratch_other_seeds", [])]
+        notes.append("/".join(f"{100 * run['epoch_accuracy'][1]:.2f}" for run in runs))
+    return "epoch 1 per seed: " + "; ".join(notes) + "%"
+
+
 def _task_note(r: dict) -> str:
     if r["setting"] == "inter":
         return (f": the whole held-out {r['dataset']} (from scratch trains on its train split, "
@@ -311,10 +342,12 @@ def markdown_report(r: dict) -> str:
             ("predicted (zero-shot), baseline tasks", nb, format_mean_ci(b["predicted"]),
              f"{b['predict_seconds_mean']:.4f} (predict, mean of before / after the baselines)")]
     s = b["scratch"]
+    k = p.get("scratch_seeds", 1)
     last = len(s["epoch_accuracy_mean"]) - 1
     shown = sorted({e for e in (1, 2, 5, 10, 20, 50, 100, last) if 1 <= e <= last})
     for ep in shown:
-        rows.append((f"Adam from scratch, epoch {ep} (lr {r['lr_tuning']['best_lr']:g})", nb,
+        rows.append((f"Adam from scratch, epoch {ep} (lr {r['lr_tuning']['best_lr']:g})",
+                     nb if k == 1 else f"{nb} x {k} seeds",
                      format_mean_ci({"mean": s["epoch_accuracy_mean"][ep], "ci95": s["epoch_accuracy_ci95"][ep]}),
                      f"{s['epoch_seconds_mean'][ep]:.3f}"))
     f = b["finetune"]
@@ -344,7 +377,9 @@ def markdown_report(r: dict) -> str:
         f"class split and task manifest in benchmark.json: `class_split`, `task_manifest`). "
         f"**Training baselines ran on the first {nb} tasks only.**",
         f"- From scratch: Adam, lr {_lr_note(r['lr_tuning'])}, batch {p['batch_size']}, "
-        f"{p['scratch_epochs']} epochs on the full support; fine-tuning: lr {_lr_note(r['finetune_lr_tuning'])}. "
+        f"{p['scratch_epochs']} epochs on the full support"
+        + (f", {k} seeds per task (mean curve; {_seed_note(r)})" if k > 1 else "")
+        + f"; fine-tuning: lr {_lr_note(r['finetune_lr_tuning'])}. "
         f"Last partial batch: {p['last_batch']}. Times exclude compilation and test evaluation.", "",
         "| method | tasks | accuracy % (mean ± 95% CI) | wall time s (mean per task) |",
         "| --- | --- | --- | --- |",
@@ -393,8 +428,8 @@ def plot_results(r: dict, output: str) -> None:
     s, f, tp = b["scratch"], b["finetune"], b["predict_seconds_mean"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in r["per_baseline_task"]:  # epoch 0 (0 s) cannot sit on a log axis
-        ax.plot(row["scratch"]["epoch_seconds_cumulative"][1:], row["scratch"]["epoch_accuracy"][1:],
-                color="0.8", lw=0.7)
+        for run in (row["scratch"], *row.get("scratch_other_seeds", [])):
+            ax.plot(run["epoch_seconds_cumulative"][1:], run["epoch_accuracy"][1:], color="0.8", lw=0.7)
     ax.plot(s["epoch_seconds_mean"][1:], s["epoch_accuracy_mean"][1:], "o-", label="Adam from scratch (mean)")
     ax.plot([tp + t for t in f["epoch_seconds_mean"]], f["epoch_accuracy_mean"], "s-",
             label="predicted + fine-tuning (mean)")
@@ -412,16 +447,33 @@ def plot_results(r: dict, output: str) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    best = [max(row["scratch"]["epoch_accuracy"]) for row in r["per_baseline_task"]]
+    best = [max(_curve_stats([row["scratch"], *row.get("scratch_other_seeds", [])])["epoch_accuracy_mean"])
+            for row in r["per_baseline_task"]]
     pred = [row["predicted"] for row in r["per_task"][:len(best)]]
     ax.scatter(best, pred)
     lo, hi = min(best + pred + [r["chance"]]), max(best + pred)
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set(xlabel="best from-scratch accuracy (any epoch)", ylabel="predicted accuracy (zero-shot)",
+    ax.set(xlabel="best from-scratch accuracy (any epoch; mean over seeds)", ylabel="predicted accuracy (zero-shot)",
            title=f"per task ({len(best)} baseline tasks)")
     fig.tight_layout()
     fig.savefig(os.path.join(output, "per_task_scatter.png"), dpi=100)
     plt.close(fig)
+
+
+def evaluation_config(config, *, seed: int, scratch_epochs=None, finetune_epochs=None,
+                      num_tasks=None):
+    """A copy of a predictor's ``config`` set up for the benchmark: ``seed`` replaces its
+    meta-training seed (every predictor is then measured against the same from-scratch runs);
+    the other arguments, where given, override ``config.eval`` / ``data.num_eval_tasks``."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.seed = int(seed)
+        for key, value in (("scratch_epochs", scratch_epochs), ("finetune_epochs", finetune_epochs)):
+            if value is not None:
+                config.eval[key] = value
+        if num_tasks is not None:
+            config.data.num_eval_tasks = num_tasks
+    return config
 
 
 def main(argv):
@@ -434,13 +486,8 @@ def main(argv):
 
         logging.set_verbosity(logging.WARNING)
     config = f.config if f.config is not None else checkpoints.read_config(f.checkpoint)
-    config = copy.deepcopy(config)
-    with config.unlocked():
-        for key, value in (("scratch_epochs", f.scratch_epochs), ("finetune_epochs", f.finetune_epochs)):
-            if value is not None:
-                config.eval[key] = value
-        if f.num_tasks is not None:
-            config.data.num_eval_tasks = f.num_tasks
+    config = evaluation_config(config, seed=f.seed, scratch_epochs=f.scratch_epochs,
+                               finetune_epochs=f.finetune_epochs, num_tasks=f.num_tasks)
     config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
                       f"{f.checkpoint}/config.json")
     command = "python -m pudnet_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -449,7 +496,8 @@ def main(argv):
                       scratch_lr=f.scratch_lr, finetune_lrs=finetune_lrs, lr_tune_tasks=f.lr_tune_tasks,
                       lr_tune_epochs=f.lr_tune_epochs, predict_repeats=f.predict_repeats,
                       command=command, config_arg=config_arg,
-                      frontier_shots=[int(x) for x in f.frontier_shots or ()])
+                      frontier_shots=[int(x) for x in f.frontier_shots or ()],
+                      scratch_seeds=f.scratch_seeds)
     print(markdown_report(r))
     print(f"Wrote {os.path.abspath(f.output)}/benchmark.{{json,md}} and plots.")
 
@@ -471,6 +519,9 @@ def _define_flags():
     flags.DEFINE_integer("lr_tune_tasks", 3, "Meta-val tasks of the LR sweeps.")
     flags.DEFINE_integer("lr_tune_epochs", None, "Epochs per LR-sweep run (default: scratch_epochs).")
     flags.DEFINE_integer("predict_repeats", 3, "Timed predict calls per task (median).")
+    flags.DEFINE_integer("seed", 0, "The evaluation's seed (from-scratch runs, random-init draws, "
+                         "LR sweeps); the predictor's meta-training seed is not used.")
+    flags.DEFINE_integer("scratch_seeds", 1, "From-scratch runs per baseline task (mean curve).")
     flags.DEFINE_list("frontier_shots", None, "Also score and time predict with these sample sizes "
                       "(images per class), e.g. 10,25,50, against the same from-scratch curve.")
 

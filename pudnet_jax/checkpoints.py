@@ -52,6 +52,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
     - ``hyper.mirror_support`` (session 14): absent means False.
     - ``hyper.stem_pca_components`` (session 19): absent means 0 (the head's own first layer).
     - ``hyper.data_layers`` (session 20): absent means ``'none'`` (the head's kernels as they are).
+    - ``hyper.data_layers_patch_stride`` (session 21): absent means 1 (every patch position).
     - ``train.source_loss_weight`` / ``source_head_learning_rate`` / ``num_source_classes``
       (session 12): absent means no source head.
     - ``train.source_head_datasets`` / ``source_head_upright_only`` (session 15): absent means
@@ -66,6 +67,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
         hyper.setdefault("mirror_support", False)
         hyper.setdefault("stem_pca_components", 0)
         hyper.setdefault("data_layers", "none")
+        hyper.setdefault("data_layers_patch_stride", 1)
     train = saved.get("train", {})
     if train:
         train.setdefault("source_loss_weight", 0.0)

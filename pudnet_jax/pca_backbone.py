@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pudnet_jax.hypernet import target_specs
-from pudnet_jax.hypernet.head import get_path, replaced_path
+from pudnet_jax.hypernet.data_layers import forward_with_data_layers
 from pudnet_jax.hypernet.stem import pca_stem_kernel
 from pudnet_jax.models import get_target
 
@@ -30,21 +28,6 @@ def _unit_batch_norms(params):
         return {"scale": jnp.ones_like(params["scale"]), "bias": jnp.zeros_like(params["bias"])}
     return {key: _unit_batch_norms(value) if isinstance(value, dict) else value
             for key, value in params.items()}
-
-
-def _conv_input(target, variables, images, mask, path):
-    """The input of the conv at ``path`` on the batch (train-mode BatchNorm: batch statistics)."""
-    captured = {}
-
-    def capture(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Conv) and tuple(context.module.path) == path:
-            captured["x"] = args[0]
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(capture):
-        target.apply(variables, images, train=True, mask=mask, features_only=True,
-                     mutable=["batch_stats"])
-    return captured["x"]
 
 
 def pca_backbone(target_name: str, variables, images, mask):
@@ -63,22 +46,23 @@ def pca_backbone(target_name: str, variables, images, mask):
                                                        jnp.asarray(mask, bool))
 
 
+def _pca_kernel(x, mask, kernel):
+    """The PCA construction of one conv: ``m = min(O // 2, k * k * C)`` directions and negatives."""
+    k, _, c_in, c_out = kernel.shape
+    return pca_stem_kernel(x, mask, kernel, min(c_out // 2, k * k * c_in))
+
+
 @functools.lru_cache(maxsize=16)
 def _pca_backbone_jit(target_name: str, num_classes: int):
     target = get_target(target_name, num_classes, bn_momentum=0.0)
 
     def run(variables, images, mask):
-        params = _unit_batch_norms(variables["params"])
-        stats = variables["batch_stats"]
-        # The target's conv kernels in forward order (layers.describe_target's record).
-        convs = [s for s in target_specs(target_name, num_classes, tuple(images.shape[1:]))
-                 if s.kind == "conv"]
-        for spec in convs:
-            x = _conv_input(target, {"params": params, "batch_stats": stats}, images, mask,
-                            spec.path[:-1])
-            m = min(spec.c_out // 2, spec.kernel_size**2 * spec.c_in)
-            kernel = pca_stem_kernel(x, mask, get_path(params, spec.path), m)
-            params = replaced_path(params, spec.path, kernel)
+        # One forward pass builds every conv from its input (the same walk predict makes under
+        # hyper.data_layers): each conv sees the activations of the already-built layers.
+        params, _, _ = forward_with_data_layers(
+            _pca_kernel, target,
+            {"params": _unit_batch_norms(variables["params"]), "batch_stats": variables["batch_stats"]},
+            images, mask)
         return {**variables, "params": params}
 
     return jax.jit(run)

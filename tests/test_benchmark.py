@@ -170,12 +170,24 @@ def test_speedup_and_time_to_reach():
     assert not s["reached"] and s["ratio"] == pytest.approx(300.0) and s["text"] == ">300x"
 
 
-@pytest.mark.parametrize("argument", ["num_baseline_tasks", "lr_tune_epochs", "lr_tune_tasks"])
+@pytest.mark.parametrize("argument", ["num_baseline_tasks", "lr_tune_epochs", "lr_tune_tasks",
+                                      "scratch_seeds"])
 def test_benchmark_refuses_zero_counts_instead_of_reading_them_as_unset(tmp_path, argument):
     with pytest.raises(ValueError, match=f"{argument} must be at least 1, got 0"):
         benchmark.run_benchmark(_config(), str(tmp_path / "no_checkpoint"), str(tmp_path / "out"),
                                 **{argument: 0})
     assert not os.path.exists(tmp_path / "out")  # refused before any work
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_evaluation_config_replaces_the_meta_training_seed():
+    """The benchmark measures every predictor against the same from-scratch runs: the seed is
+    the evaluation's, not the one the predictor was meta-trained with; the input is not modified."""
+    config = _config()
+    config.seed = 7
+    got = benchmark.evaluation_config(config, seed=0, scratch_epochs=3)
+    assert got.seed == 0 and got.eval.scratch_epochs == 3 and config.seed == 7
+    assert got.eval.finetune_epochs == config.eval.finetune_epochs
 
 
 @pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
@@ -193,7 +205,8 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     out = str(tmp_path / "bench")
     r = benchmark.run_benchmark(checkpoints.read_config(export), export, out, lr_tune_tasks=1,
                                 lr_tune_epochs=1, finetune_lrs=[0.0, 1e-4], predict_repeats=1,
-                                command="pytest", frontier_shots=[5, 15], frontier_val_tasks=1)
+                                command="pytest", frontier_shots=[5, 15], frontier_val_tasks=1,
+                                scratch_seeds=2)
     for name in ("benchmark.json", "benchmark.md", "accuracy_vs_time.png", "per_task_scatter.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     saved = json.load(open(os.path.join(out, "benchmark.json")))
@@ -204,6 +217,14 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
     assert saved["protocol"]["finetune_lr"] == saved["finetune_lr_tuning"]["best_lr"]
     assert all(t.startswith("omniglot/meta_val") for t in saved["lr_tuning"]["tasks"])
     assert len(saved["baseline_tasks"]["scratch"]["epoch_accuracy_mean"]) == 3
+    # Two from-scratch seeds on the baseline task: two different runs, and the reported curve is
+    # their mean (the bar of a single-task setting is no longer one run).
+    row = saved["per_baseline_task"][0]
+    runs = [row["scratch"], *row["scratch_other_seeds"]]
+    assert len(runs) == 2 and saved["protocol"]["scratch_seeds"] == 2
+    assert runs[0]["epoch_train_loss"][1:] != runs[1]["epoch_train_loss"][1:]
+    np.testing.assert_allclose(saved["baseline_tasks"]["scratch"]["epoch_accuracy_mean"],
+                               np.mean([run["epoch_accuracy"] for run in runs], axis=0))
     for key in ("machine", "seed", "command", "total_wall_seconds", "config", "load_average"):
         assert key in saved
     # The speedup's predict time is the mean of the timings before and after the baselines.
@@ -220,6 +241,7 @@ def test_benchmark_smoke_run_writes_outputs(hyper, tmp_path):
         saved["predicted"]["mean"] - saved["random_init_solved"]["mean"])
     md = open(os.path.join(out, "benchmark.md")).read()
     assert "Speedup" in md and "first 1 tasks only" in md and "ridge classifier from the predict sample" in md
+    assert "| 1 x 2 seeds |" in md and "epoch 1 per seed: " in md
     assert "what the predicted backbone adds" in md and "Adam from scratch, epoch 2" in md
     refit = saved["baseline_tasks"]["finetune_refit"]
     assert len(refit["epoch_accuracy_mean"]) == 2 and "classifier re-solved, epoch 1" in md
@@ -329,6 +351,8 @@ def test_compare_predictors_is_paired_on_meta_val_tasks(hyper, tmp_path):
     assert "predict s (median)" in markdown(factors)
     with pytest.raises(ValueError, match="at least two"):
         compare([first], num_val_tasks=2)
+    with pytest.raises(ValueError, match="no hyper.data_layers"):
+        compare([first], num_val_tasks=2, patch_strides=[1, 2])
     gtsrb = c.copy_and_resolve_references()
     gtsrb.data.dataset = "gtsrb"
     checkpoints.export_predictor(hyper_params, gtsrb, str(tmp_path / "g"), {})

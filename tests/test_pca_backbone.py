@@ -1,6 +1,7 @@
 """The closed-form PCA backbone (pudnet_jax/pca_backbone.py), a no-meta-training reference."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,23 @@ from pudnet_jax.evaluate import init_target
 from pudnet_jax.hypernet.stem import principal_patch_directions
 from pudnet_jax.models import get_target
 from pudnet_jax.hypernet import target_specs
-from pudnet_jax.pca_backbone import _conv_input, pca_backbone
+from pudnet_jax.pca_backbone import pca_backbone
+
+
+def _conv_input(target, variables, images, mask, path):
+    """The input of the conv at ``path`` on the batch (train-mode BatchNorm: batch statistics),
+    captured independently of the construction under test."""
+    captured = {}
+
+    def capture(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and tuple(context.module.path) == path:
+            captured["x"] = args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        target.apply(variables, images, train=True, mask=mask, features_only=True,
+                     mutable=["batch_stats"])
+    return captured["x"]
 
 
 def _images(n, seed=0, size=16):

@@ -10,9 +10,6 @@ from pudnet_jax import checkpoints, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ["intra_omniglot_resnet8", "intra_gtsrb_resnet8", "inter_resnet8"]
-# Meta-trained, committed so a later session can benchmark or continue it, not shipped (RESULTS.md
-# section 1, session 20): it must load all the same.
-CANDIDATES = ["candidates/inter_pcares_resnet8"]
 
 
 def _export(name):
@@ -22,7 +19,7 @@ def _export(name):
     return path
 
 
-@pytest.mark.parametrize("name", SHIPPED + CANDIDATES)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_predictor_fits_its_config(name):
     """Params restore against the architecture their config.json describes (a mismatch raises
     ArchitectureMismatchError), and info.json records where they came from."""

@@ -26,6 +26,9 @@ reaches the head through ``H``.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,8 @@ from pudnet_jax.hypernet.head import get_path, replaced_path
 from pudnet_jax.hypernet.stem import patch_covariance, pca_stem_kernel
 
 MODES = ("none", "pca_residual", "whitened")
+# (conv input on the batch [N, H, W, C], valid rows [N], current HWIO kernel) -> HWIO kernel.
+KernelBuilder = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # The head's kernels have filter norm ~sqrt(2) x its learned gain (He scale); the PCA filters
 # have norm 1. This factor makes the correction start at about a third of the PCA filter.
 RESIDUAL_SCALE = 0.25
@@ -53,25 +58,32 @@ def _from_rows(rows, shape):
     return rows.reshape(c_in, k1, k2, c_out).transpose(1, 2, 0, 3)
 
 
-def whitening_matrix(images, mask, kernel_size: int, eps: float = WHITEN_EPS):
-    """``[D, D]`` symmetric ZCA whitening ``(C + eps * mean(eig C) I)^(-1/2)`` of the batch's patches."""
-    values, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size))
+def whitening_matrix(images, mask, kernel_size: int, eps: float = WHITEN_EPS, stride: int = 1):
+    """``[D, D]`` symmetric ZCA whitening ``(C + eps * mean(eig C) I)^(-1/2)`` of the batch's patches
+    (every ``stride``-th patch position per axis)."""
+    values, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size, stride))
     values = jnp.maximum(values, 0.0)
     floor = eps * jnp.mean(values) + 1e-12
     return (vectors * jax.lax.rsqrt(values + floor)) @ vectors.T
 
 
-def data_derived_kernel(mode: str, x, mask, predicted_kernel):
-    """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's."""
+def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int = 1):
+    """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's.
+
+    ``patch_stride`` estimates the input's patch covariance from every ``patch_stride``-th
+    position per axis: the statistics are most of the data layers' cost (a ``[N P, D]`` by
+    ``[N P, D]`` product per conv), and a 32x32 map's ~1,000 positions per image are far more
+    samples than a ``D x D`` covariance needs.
+    """
     k1, k2, c_in, c_out = predicted_kernel.shape
     if k1 != k2:
         raise ValueError(f"hyper.data_layers needs square conv kernels; got {k1}x{k2}.")
     if mode == "pca_residual":
         m = min(c_out // 2, k1 * k2 * c_in)
-        pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m)
+        pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m, patch_stride)
         return pca + RESIDUAL_SCALE * predicted_kernel
     if mode == "whitened":
-        whiten = whitening_matrix(x, mask, k1).astype(predicted_kernel.dtype)
+        whiten = whitening_matrix(x, mask, k1, stride=patch_stride).astype(predicted_kernel.dtype)
         return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
     raise ValueError(f"hyper.data_layers must be one of {MODES}; got {mode!r}.")
 
@@ -89,15 +101,27 @@ def _same_conv(module: nn.Conv, x, kernel):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def forward_with_data_layers(mode: str, target: nn.Module, variables, images, mask):
+def kernel_builder(mode: str, patch_stride: int = 1) -> KernelBuilder:
+    """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode."""
+    if mode not in MODES or mode == "none":
+        raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
+    if not (isinstance(patch_stride, int) and patch_stride >= 1):
+        raise ValueError(f"hyper.data_layers_patch_stride must be an integer >= 1; got {patch_stride!r}.")
+    return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride)
+
+
+def forward_with_data_layers(build_kernel: KernelBuilder, target: nn.Module, variables, images, mask):
     """One train-mode pass of ``target`` that builds every conv kernel from its input on the batch.
 
     Args:
-      mode: ``'pca_residual'`` or ``'whitened'`` (module docstring).
+      build_kernel: ``(x, mask, kernel) -> kernel``, called once per conv in forward order with
+        the conv's input ``x`` on the batch and its current kernel (for predict, the head's
+        ``H``): ``kernel_builder(mode)`` for the modes above; ``pca_backbone`` passes the plain
+        PCA construction.
       target: the target network (BatchNorm momentum 0, so the pass writes the batch's exact
         statistics).
       variables: ``{'params', 'batch_stats'}``; each conv's ``kernel`` in ``params`` is the
-        head's prediction ``H``.
+        one handed to ``build_kernel``.
       images, mask: the dataset batch ``[N, H, W, C]`` and its valid rows ``[N]``.
 
     Returns:
@@ -112,7 +136,7 @@ def forward_with_data_layers(mode: str, target: nn.Module, variables, images, ma
             return next_fun(*args, **kwargs)
         x = args[0]
         path = tuple(module.path) + ("kernel",)
-        kernel = data_derived_kernel(mode, x, mask, get_path(variables["params"], path))
+        kernel = build_kernel(x, mask, get_path(variables["params"], path))
         kernels[path] = kernel
         return _same_conv(module, x, kernel)
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.data_layers import MODES as DATA_LAYER_MODES
-from pudnet_jax.hypernet.data_layers import forward_with_data_layers
+from pudnet_jax.hypernet.data_layers import forward_with_data_layers, kernel_builder
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA, ridge_classifier
 from pudnet_jax.hypernet.stem import pca_stem_kernel
@@ -84,6 +84,8 @@ class PudNet(nn.Module):
         statistics during the BatchNorm pass (``pudnet_jax.hypernet.data_layers``):
         ``'pca_residual'`` (principal directions plus the head's kernel as a correction) or
         ``'whitened'`` (the head's kernel applied to whitened patches). No parameters.
+      data_layers_patch_stride: the data layers' patch statistics read every s-th patch
+        position per axis (1: all of them).
     """
 
     target_name: str
@@ -102,6 +104,7 @@ class PudNet(nn.Module):
     ridge_lambda: float = DEFAULT_RIDGE_LAMBDA
     stem_pca_components: int = 0
     data_layers: str = "none"
+    data_layers_patch_stride: int = 1
 
     @nn.compact
     def __call__(self, images, labels, mask):
@@ -109,6 +112,9 @@ class PudNet(nn.Module):
             raise ValueError(f"hyper.classifier must be one of {CLASSIFIERS}; got {self.classifier!r}.")
         if self.data_layers not in DATA_LAYER_MODES:
             raise ValueError(f"hyper.data_layers must be one of {DATA_LAYER_MODES}; got {self.data_layers!r}.")
+        if not (isinstance(self.data_layers_patch_stride, int) and self.data_layers_patch_stride >= 1):
+            raise ValueError("hyper.data_layers_patch_stride must be an integer >= 1; "
+                             f"got {self.data_layers_patch_stride!r}.")
         image_shape = tuple(self.image_shape)
         specs = target_specs(self.target_name, self.num_classes, image_shape)
         _, prototypes, _, sketch = SetEncoder(
@@ -139,7 +145,7 @@ class PudNet(nn.Module):
             batch_stats = updates["batch_stats"]
         else:
             params, target_features, batch_stats = forward_with_data_layers(
-                self.data_layers, stats_target, {"params": params, "batch_stats": init_stats},
+                kernel_builder(self.data_layers, self.data_layers_patch_stride), stats_target, {"params": params, "batch_stats": init_stats},
                 images, mask)
 
         dense_row = next(i for i, s in enumerate(specs) if s.kind == "dense_kernel")

@@ -29,18 +29,20 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _MOMENT_CHUNK = 128
 
 
-def _patches(images, kernel_size: int):
-    """``[N, H, W, C]`` -> ``[N, P, C * k * k]`` 'VALID' patches, features ordered (C, kh, kw)."""
+def _patches(images, kernel_size: int, stride: int = 1):
+    """``[N, H, W, C]`` -> ``[N, P, C * k * k]`` 'VALID' patches, features ordered (C, kh, kw),
+    at every ``stride``-th position along each spatial axis."""
     p = jax.lax.conv_general_dilated_patches(
-        images, (kernel_size, kernel_size), (1, 1), "VALID",
+        images, (kernel_size, kernel_size), (stride, stride), "VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
     return p.reshape(p.shape[0], -1, p.shape[-1])
 
 
-def patch_moments(images, mask, kernel_size: int):
+def patch_moments(images, mask, kernel_size: int, stride: int = 1):
     """``(count, sum [D], sum of outer products [D, D])`` of the masked images' patches.
 
-    Accumulated ``_MOMENT_CHUNK`` images at a time, so memory does not grow with the batch.
+    ``stride > 1`` samples every ``stride``-th patch position per axis (``stride**2`` times less
+    work; the patches stay contiguous ``k x k`` windows, only fewer of them). Accumulated ``_MOMENT_CHUNK`` images at a time, so memory does not grow with the batch.
     Rows with ``mask=False`` contribute nothing.
     """
     n = images.shape[0]
@@ -52,7 +54,7 @@ def patch_moments(images, mask, kernel_size: int):
 
     def moments(args):
         xs, ws = args
-        p = _patches(xs, kernel_size) * ws[:, None, None]  # masked rows are all-zero patches
+        p = _patches(xs, kernel_size, stride) * ws[:, None, None]  # masked rows are all-zero patches
         flat = p.reshape(-1, p.shape[-1])
         return (ws.sum() * p.shape[1], flat.sum(0),
                 jnp.matmul(flat.T, flat, precision=_HIGHEST))
@@ -61,32 +63,33 @@ def patch_moments(images, mask, kernel_size: int):
     return count, total, outer
 
 
-def patch_covariance(images, mask, kernel_size: int):
+def patch_covariance(images, mask, kernel_size: int, stride: int = 1):
     """``[D, D]`` covariance of the masked images' ``k x k`` patches (no gradient flows back).
 
     The statistics are a data-derived basis, not a function to differentiate through:
     eigenvectors' gradients blow up at nearly equal eigenvalues.
     """
-    count, total, outer = patch_moments(jax.lax.stop_gradient(images), mask, kernel_size)
+    count, total, outer = patch_moments(jax.lax.stop_gradient(images), mask, kernel_size, stride)
     count = jnp.maximum(count, 1.0)
     mean = total / count
     return outer / count - jnp.outer(mean, mean)
 
 
-def principal_patch_directions(images, mask, kernel_size: int, num_components: int):
+def principal_patch_directions(images, mask, kernel_size: int, num_components: int,
+                               stride: int = 1):
     """``[D, m]``: the top ``m`` principal directions of the batch's patches, unit norm.
 
     Each direction's sign is fixed so that its largest-magnitude entry is positive:
     eigendecompositions return either sign, and the predicted layers after the stem must see
     the same filter in the same channel for the same data.
     """
-    _, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size))  # ascending eigenvalues
+    _, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size, stride))  # ascending eigenvalues
     top = vectors[:, ::-1][:, :num_components]
     pivot = jnp.take_along_axis(top, jnp.argmax(jnp.abs(top), axis=0)[None], axis=0)
     return top * jnp.where(pivot < 0, -1.0, 1.0)
 
 
-def pca_stem_kernel(images, mask, predicted_kernel, num_components: int):
+def pca_stem_kernel(images, mask, predicted_kernel, num_components: int, patch_stride: int = 1):
     """A conv's HWIO kernel with its first ``2 m`` output channels derived from its input.
 
     ``images`` is the conv's input (for the first conv, predict's batch; ``pca_backbone`` calls
@@ -94,7 +97,8 @@ def pca_stem_kernel(images, mask, predicted_kernel, num_components: int):
     principal patch directions of ``images``, channels
     ``m..2m-1`` their negatives; the rest (if any) keep ``predicted_kernel``'s filters. The
     filter scale does not matter (BatchNorm follows); unit norm keeps it comparable to the
-    head's fan-in-normalised filters.
+    head's fan-in-normalised filters. ``patch_stride`` estimates the patch covariance from every
+    ``patch_stride``-th position per axis (``patch_moments``).
     """
     kh, kw, c_in, c_out = predicted_kernel.shape
     if kh != kw:
@@ -104,7 +108,7 @@ def pca_stem_kernel(images, mask, predicted_kernel, num_components: int):
         raise ValueError(
             f"hyper.stem_pca_components={num_components} needs 1 <= m <= {dim} (the patch size "
             f"{kh}x{kw}x{c_in}) and 2 m <= {c_out} (the first layer's output channels).")
-    directions = principal_patch_directions(images, mask, kh, num_components)
+    directions = principal_patch_directions(images, mask, kh, num_components, patch_stride)
     filters = jnp.concatenate([directions, -directions], axis=1)  # [D, 2m], rows ordered (C, kh, kw)
     filters = filters.reshape(c_in, kh, kw, 2 * num_components).transpose(1, 2, 0, 3)
     return jnp.concatenate([filters.astype(predicted_kernel.dtype),
