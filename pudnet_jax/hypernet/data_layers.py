@@ -19,8 +19,8 @@ combines the two inside predict, for every conv, walking the target in forward o
 Each conv is built from the activations the already-built layers produce, so the whole network
 comes out of one forward pass over the batch: the BatchNorm pass predict runs anyway, with every
 ``nn.Conv`` call intercepted (``flax.linen.intercept_methods``) to compute its kernel from its
-input first. Cost: one ``D x D`` eigendecomposition per conv (``D = k * k * C_in``; 576 for
-resnet8's widest). The statistics carry no gradient (``stem.patch_covariance``); the gradient
+input first. Cost: one patch covariance and one ``D x D`` eigendecomposition per conv (``D = k
+* k * C_in``; 576 for resnet8's widest); ``patch_stride`` thins the covariance's patches. The statistics carry no gradient (``stem.patch_covariance``); the gradient
 reaches the head through ``H``.
 """
 
@@ -71,9 +71,10 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's.
 
     ``patch_stride`` estimates the input's patch covariance from every ``patch_stride``-th
-    position per axis: the statistics are most of the data layers' cost (a ``[N P, D]`` by
-    ``[N P, D]`` product per conv), and a 32x32 map's ~1,000 positions per image are far more
-    samples than a ``D x D`` covariance needs.
+    position per axis: the statistics are most of the data layers' cost (a ``[D, N P]`` by
+    ``[N P, D]`` product per conv, ``P`` patch positions per image), and N images times a
+    32x32 map's ~1,000 positions are far more samples than a ``D x D`` covariance needs (the
+    shipped inter predictor reads every 4th: RESULTS.md section 1, session 21).
     """
     k1, k2, c_in, c_out = predicted_kernel.shape
     if k1 != k2:
