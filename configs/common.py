@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.setting = "intra"  # intra | inter
     c.data.dataset = "omniglot"  # intra: the dataset whose unseen classes are evaluated
     c.data.held_out = "cifar10"  # inter: the dataset never seen in meta-training
+    # inter, leave-one-source-out validation: this source is also left out of meta-training, and
+    # validation (best-checkpoint selection) scores whole-dataset tasks of it, built like the
+    # held-out dataset's (predict_shots per class of its train split, scored on its test split),
+    # so the selection signal measures transfer to an unseen dataset, not fit to the sources.
+    c.data.validation_dataset = ""
     c.data.split_seed = 0
     c.data.way = 20
     c.data.min_way = 0  # >0: draw the way per task from [min_way, way]

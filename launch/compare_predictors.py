@@ -25,7 +25,10 @@ the median predict time beside the accuracy.
 dataset's evaluation task (``data.predict_shots`` train images per class, scored on its test
 split), each with its own predict sample (task seeds 1, 2, ...). The held-out dataset is refused.
 That is the validation signal for a choice that depends on the kind of data, such as mirroring,
-which GTSRB's meta-val tasks cannot judge (a mirrored sign is another sign).
+which GTSRB's meta-val tasks cannot judge (a mirrored sign is another sign). For predictors
+meta-trained with ``data.validation_dataset`` (leave-one-source-out), ``--source_dataset`` set
+to that dataset scores them on a dataset they never saw; a predictor that did meta-train on it
+is then not comparable (its score measures fit, not transfer).
 
 Writes ``compare.json`` and ``compare.md`` (machine, seed, wall time included).
 """

@@ -59,6 +59,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
       every pool's classes, rotated copies included (the session-12 head).
     - ``train.source_head_standardize`` / ``source_head_warmup_steps`` (session 16): absent means
       raw features and no ramp.
+    - ``data.validation_dataset`` (session 21): absent means '' (every source meta-trains on).
     """
     saved = json.loads(json.dumps(saved))
     hyper = saved.get("hyper", {})
@@ -77,6 +78,8 @@ def upgrade_legacy_config(saved: dict) -> dict:
         train.setdefault("source_head_upright_only", False)
         train.setdefault("source_head_standardize", False)
         train.setdefault("source_head_warmup_steps", 0)
+    if saved.get("data"):
+        saved["data"].setdefault("validation_dataset", "")
     if "prototype_classifier" in hyper and "classifier" not in hyper:
         hyper["classifier"] = "prototype" if hyper.pop("prototype_classifier") else "generated"
         hyper.setdefault("ridge_lambda", DEFAULT_RIDGE_LAMBDA)

@@ -238,6 +238,25 @@ def prepare_kwargs(config) -> dict:
             "image_size": config.model.image_size, "channels": config.model.channels}
 
 
+def validation_dataset(config) -> str:
+    """``data.validation_dataset`` checked ('' when unset): an inter source, not the held-out one,
+    and not the only source (leave-one-source-out validation; see configs/common.py)."""
+    d = config.data
+    name = str(d.get("validation_dataset", "") or "")
+    if not name:
+        return ""
+    if d.setting != "inter":
+        raise ValueError(f"data.validation_dataset={name!r} is for the inter setting (an intra run "
+                         "validates on its own meta-val classes); unset it.")
+    sources = data.inter_split(d.held_out).sources
+    if name not in sources:
+        raise ValueError(f"data.validation_dataset={name!r} must be one of the sources {list(sources)} "
+                         f"(the held-out {d.held_out!r} stays unseen until the final evaluation).")
+    if len(sources) < 2:
+        raise ValueError(f"data.validation_dataset={name!r} would leave no source to meta-train on.")
+    return name
+
+
 def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
     """The meta-training sampler. With several processes, each samples only its own tasks.
 
@@ -248,8 +267,10 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
     """
     d = config.data
     dataset = d.dataset if d.setting == "intra" else d.held_out
+    left_out = validation_dataset(config)
     pools = data.meta_train_pools(d.setting, dataset, split_seed=d.split_seed,
-                                  rotations=d.get("class_rotations", 1), **prepare_kwargs(config))
+                                  rotations=d.get("class_rotations", 1),
+                                  exclude=(left_out,) if left_out else (), **prepare_kwargs(config))
     max_way = d.get("train_way", 0) or d.way
     if max_way > config.model.num_classes:
         raise ValueError(f"meta-training tasks are {max_way}-way (data.train_way / data.way) but "
@@ -273,14 +294,24 @@ class Validator:
     intra: fixed tasks over the held-out meta-val classes, scored exactly like the protocol
     (predict from the support sample, classify the task's test images).
     inter: fixed sampled tasks from the *test* splits of the source datasets (images never seen in
-    meta-training); the held-out dataset is never looked at before the final evaluation.
+    meta-training; their classes are); the held-out dataset is never looked at before the final
+    evaluation. With ``data.validation_dataset`` (leave-one-source-out), ``num_val_tasks``
+    whole-dataset tasks of that source instead, each with its own predict sample (seeds
+    ``eval_task_seed + 1, + 2, ...``), scored as the held-out dataset is: a dataset the
+    hypernetwork never meta-trained on.
     """
 
     def __init__(self, config, evaluator: TaskEvaluator):
         d = config.data
         self.evaluator = evaluator
         self.tasks, self.batches = [], []
-        if d.setting == "intra":
+        left_out = validation_dataset(config)
+        if left_out:
+            self.tasks = [task for t in range(max(1, d.num_val_tasks))
+                          for task in data.make_eval_tasks(
+                              "inter", left_out, predict_shots=d.predict_shots,
+                              seed=d.eval_task_seed + 1 + t, **prepare_kwargs(config))]
+        elif d.setting == "intra":
             self.tasks = data.make_eval_tasks(
                 "intra", d.dataset, classes="meta_val", num_tasks=d.num_val_tasks, way=d.way,
                 predict_shots=d.predict_shots, seed=d.eval_task_seed + 1, split_seed=d.split_seed,

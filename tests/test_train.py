@@ -285,6 +285,46 @@ def test_inter_meta_val_scores_exactly_num_val_tasks_tasks(tiny_config):
     np.testing.assert_allclose(three(params), np.mean(per_task), rtol=1e-6)
 
 
+def test_leave_one_source_out_validation(tiny_config):
+    """data.validation_dataset: that source leaves the meta-training pools, and validation scores
+    whole-dataset tasks of it (one predict sample each), as the held-out dataset is scored; the
+    held-out dataset, an unknown name and the intra setting are refused."""
+    from configs.inter import get_config
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import Validator
+
+    config = get_config()
+    for field in ("encoder_widths", "feature_dim", "sketch_dim", "hidden_dim", "code_rank"):
+        config.hyper[field] = tiny_config.hyper[field]
+    config.hyper.classifier = "ridge"
+    config.data.way = config.data.min_way = 5
+    config.model.num_classes = 10
+    config.data.shots, config.data.queries, config.data.tasks_per_batch = 2, 2, 2
+    config.data.num_val_tasks, config.data.predict_shots = 2, 5
+    assert {pool.name for pool in make_sampler(config).pools} == {"omniglot", "gtsrb", "fashion_mnist"}
+    config.data.validation_dataset = "fashion_mnist"
+    assert {pool.name for pool in make_sampler(config).pools} == {"omniglot", "gtsrb"}
+
+    validator = Validator(config, TaskEvaluator(config))
+    assert not validator.batches and len(validator.tasks) == 2
+    first, second = validator.tasks
+    assert first.dataset == second.dataset == "fashion_mnist" and first.num_classes == 10
+    assert len(first.predict_indices) == 10 * 5  # predict_shots per class of the whole dataset
+    assert not np.array_equal(first.predict_indices, second.predict_indices)
+    params = create_train_state(config, jax.random.key(0)).params
+    accuracy = validator(params)
+    assert 0.0 <= accuracy <= 1.0
+
+    for name, message in (("cifar10", "must be one of the sources"), ("svhn", "must be one of the sources")):
+        config.data.validation_dataset = name
+        with pytest.raises(ValueError, match=message):
+            make_sampler(config)
+    intra = _small_run_config(tiny_config)
+    intra.data.validation_dataset = "gtsrb"
+    with pytest.raises(ValueError, match="inter setting"):
+        Validator(intra, TaskEvaluator(intra))
+
+
 def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     """Killed at step 2 and resumed: the same parameters bit for bit, the source head and every
     optimiser state included (the run trains with the auxiliary source loss, so all of the

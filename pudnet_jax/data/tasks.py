@@ -115,7 +115,7 @@ class ClassPool:
 
 
 def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotations: int = 1,
-                     **prepare_kwargs) -> list[ClassPool]:
+                     exclude: Sequence[str] = (), **prepare_kwargs) -> list[ClassPool]:
     """The class pools of DESIGN.md section 4 for meta-training.
 
     intra: one pool, the train split of `dataset` restricted to its split's meta_train classes.
@@ -124,6 +124,7 @@ def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotatio
     rotations: see `ClassPool`; in the inter setting every source pool gets them (a rotated
       sign or garment is a new class to tell apart, as a rotated character is). Only
       meta-training pools are rotated: validation and the held-out dataset never are.
+    exclude: inter only, sources left out as well (leave-one-source-out validation).
     prepare_kwargs go to `preprocess.prepare` (data_dir, image_size, channels, cache_dir, ...).
     """
     if setting == 'intra':
@@ -133,7 +134,10 @@ def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotatio
                           split.meta_train, rotations=rotations)]
     if setting == 'inter':
         pools = []
-        for source in splits.inter_split(dataset).sources:
+        sources = [s for s in splits.inter_split(dataset).sources if s not in exclude]
+        if not sources:
+            raise ValueError(f'no meta-training source left: {list(exclude)} excludes them all')
+        for source in sources:
             data = preprocess.prepare(source, 'train', **prepare_kwargs)
             pools.append(ClassPool(data, tuple(data.class_indices), rotations=rotations))
         return pools
