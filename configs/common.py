@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
 
 
@@ -72,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     # s > 1: data_layers estimate each conv's patch statistics from every s-th patch position
     # per axis (s**2 times less work for the costliest part of predict under data_layers).
     c.hyper.data_layers_patch_stride = 1
+    # pca_residual: kernel = principal directions + this x the head's kernel (the head's filters
+    # have norm ~sqrt(2) x its gain, the PCA filters 1: 0.25 starts the correction at ~1/3).
+    c.hyper.data_layers_residual_scale = RESIDUAL_SCALE
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

@@ -46,7 +46,7 @@ import optax
 from pudnet_jax import data, train
 from pudnet_jax.evaluate import accuracy, fixed_shape_chunks, init_target
 from pudnet_jax.hypernet import build_hypernet, target_specs
-from pudnet_jax.hypernet.data_layers import forward_with_data_layers, kernel_builder
+from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE, forward_with_data_layers, kernel_builder
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.head import get_path, replaced_path
 from pudnet_jax.hypernet.pudnet import ABSENT_CLASS_BIAS
@@ -353,9 +353,10 @@ def with_pca_stem(target_name: str, variables, batch, num_components: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _data_layers_fn(target_name: str, num_classes: int, mode: str, patch_stride: int):
+def _data_layers_fn(target_name: str, num_classes: int, mode: str, patch_stride: int,
+                    residual_scale: float):
     stats_target = get_target(target_name, num_classes, bn_momentum=0.0)
-    build_kernel = kernel_builder(mode, patch_stride)
+    build_kernel = kernel_builder(mode, patch_stride, residual_scale)
 
     def build(variables, images, mask):
         params, _, _ = forward_with_data_layers(build_kernel, stats_target, variables, images, mask)
@@ -364,12 +365,13 @@ def _data_layers_fn(target_name: str, num_classes: int, mode: str, patch_stride:
     return jax.jit(build)
 
 
-def with_data_layers(target_name: str, variables, batch, mode: str, patch_stride: int = 1):
+def with_data_layers(target_name: str, variables, batch, mode: str, patch_stride: int = 1,
+                     residual_scale: float = RESIDUAL_SCALE):
     """``variables`` with every conv kernel taken as the head's ``H`` and rebuilt on ``batch`` as
     predict builds it under ``hyper.data_layers=mode`` (``hypernet.data_layers``); the input is
     not modified (its BatchNorm parameters are kept; a read-out recomputes the statistics)."""
     num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
-    return _data_layers_fn(target_name, num_classes, mode, int(patch_stride))(
+    return _data_layers_fn(target_name, num_classes, mode, int(patch_stride), float(residual_scale))(
         variables, jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["mask"], bool))
 
 
@@ -389,6 +391,7 @@ def random_backbone_accuracy(config, task, seed: int) -> float | None:
         backbone = with_pca_stem(target_name, backbone, batch, config.hyper.stem_pca_components)
     if config.hyper.data_layers != "none":
         backbone = with_data_layers(target_name, backbone, batch, config.hyper.data_layers,
-                                    config.hyper.data_layers_patch_stride)
+                                    config.hyper.data_layers_patch_stride,
+                                    config.hyper.data_layers_residual_scale)
     variables = solved_readout(target_name, backbone, batch, classifier, config.hyper.ridge_lambda)
     return accuracy(target_name, variables, task.test_images, task.test_labels)

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
 
 # The config sections that define the hypernetwork: its parameter shapes and what the parameters
@@ -53,6 +54,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
     - ``hyper.stem_pca_components`` (session 19): absent means 0 (the head's own first layer).
     - ``hyper.data_layers`` (session 20): absent means ``'none'`` (the head's kernels as they are).
     - ``hyper.data_layers_patch_stride`` (session 21): absent means 1 (every patch position).
+    - ``hyper.data_layers_residual_scale`` (session 21): absent means 0.25 (the constant before).
     - ``train.source_loss_weight`` / ``source_head_learning_rate`` / ``num_source_classes``
       (session 12): absent means no source head.
     - ``train.source_head_datasets`` / ``source_head_upright_only`` (session 15): absent means
@@ -69,6 +71,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
         hyper.setdefault("stem_pca_components", 0)
         hyper.setdefault("data_layers", "none")
         hyper.setdefault("data_layers_patch_stride", 1)
+        hyper.setdefault("data_layers_residual_scale", RESIDUAL_SCALE)
     train = saved.get("train", {})
     if train:
         train.setdefault("source_loss_weight", 0.0)

@@ -148,6 +148,7 @@ def test_configs_saved_before_the_classifier_field_still_load(tmp_path, tiny_con
         del saved["hyper"]["stem_pca_components"]  # added in session 19: absent means 0
         del saved["hyper"]["data_layers"]  # added in session 20: absent means 'none'
         del saved["hyper"]["data_layers_patch_stride"]  # session 21: absent means 1
+        del saved["hyper"]["data_layers_residual_scale"]  # session 21: absent means 0.25
         del saved["data"]["validation_dataset"]  # session 21: absent means ''
         saved["hyper"]["prototype_classifier"] = legacy_value
         (tmp_path / "config.json").write_text(json.dumps(saved))
@@ -155,7 +156,7 @@ def test_configs_saved_before_the_classifier_field_still_load(tmp_path, tiny_con
         assert config.hyper.classifier == expected and "prototype_classifier" not in config.hyper
         assert config.hyper.encoder_downsample == 1 and config.hyper.stem_pca_components == 0
         assert config.hyper.data_layers == "none" and config.hyper.data_layers_patch_stride == 1
-        assert config.data.validation_dataset == ""
+        assert config.data.validation_dataset == "" and config.hyper.data_layers_residual_scale == 0.25
         live = tiny_config.copy_and_resolve_references()
         live.hyper.classifier = expected
         checkpoints.check_same_architecture(saved, live, "legacy")  # no mismatch

@@ -82,9 +82,10 @@ def test_pca_residual_with_a_zero_head_is_the_pca_network():
     chex.assert_trees_all_close(stats, updates["batch_stats"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode, patch_stride", [("pca_residual", 1), ("whitened", 1), ("pca_residual", 2)])
-def test_predict_with_data_layers(tiny_config, mode, patch_stride, predict_against_plain,
-                                  check_padding_and_relabelling):
+@pytest.mark.parametrize("mode, patch_stride, residual_scale",
+                         [("pca_residual", 1, 0.25), ("whitened", 1, 0.25), ("pca_residual", 2, 1.0)])
+def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scale,
+                                  predict_against_plain, check_padding_and_relabelling):
     """Same tree and hypernetwork parameters as without; the first conv is the data-derived
     kernel of the head's (from every patch_stride-th patch position) and the deepest conv is
     not the head's; padding rows change nothing; relabelling permutes the classifier (the
@@ -92,16 +93,22 @@ def test_predict_with_data_layers(tiny_config, mode, patch_stride, predict_again
     config = tiny_config.copy_and_resolve_references()
     config.hyper.data_layers = mode
     config.hyper.data_layers_patch_stride = patch_stride
+    config.hyper.data_layers_residual_scale = residual_scale
     params, batch, got, head_only, predict = predict_against_plain(config)
     images = batch["image"]
     head_kernel = head_only["params"]["conv_init"]["kernel"]
     want = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
-                                           head_kernel, patch_stride=patch_stride)
+                                           head_kernel, patch_stride=patch_stride,
+                                           residual_scale=residual_scale)
     np.testing.assert_allclose(got["params"]["conv_init"]["kernel"], want, rtol=1e-3, atol=1e-4)
     if patch_stride > 1:  # the stride reaches the statistics: all positions give another kernel
         every = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
-                                                head_kernel)
+                                                head_kernel, residual_scale=residual_scale)
         assert not np.allclose(want, every, atol=1e-3)
+    if mode == "pca_residual":  # the scale weighs the head's kernel on top of the same PCA filters
+        pca = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
+                                              head_kernel, patch_stride=patch_stride, residual_scale=0.0)
+        np.testing.assert_allclose(want - pca, residual_scale * head_kernel, atol=1e-5)
     assert not np.allclose(got["params"]["ResNetBlock_2"]["Conv_1"]["kernel"],
                            head_only["params"]["ResNetBlock_2"]["Conv_1"]["kernel"], atol=1e-3)
 

@@ -32,4 +32,5 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         stem_pca_components=int(hyper.stem_pca_components),
         data_layers=str(hyper.data_layers),
         data_layers_patch_stride=int(hyper.data_layers_patch_stride),
+        data_layers_residual_scale=float(hyper.data_layers_residual_scale),
     )

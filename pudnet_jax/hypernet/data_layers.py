@@ -67,7 +67,8 @@ def whitening_matrix(images, mask, kernel_size: int, eps: float = WHITEN_EPS, st
     return (vectors * jax.lax.rsqrt(values + floor)) @ vectors.T
 
 
-def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int = 1):
+def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int = 1,
+                        residual_scale: float = RESIDUAL_SCALE):
     """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's.
 
     ``patch_stride`` estimates the input's patch covariance from every ``patch_stride``-th
@@ -75,6 +76,8 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     ``[N P, D]`` product per conv, ``P`` patch positions per image), and N images times a
     32x32 map's ~1,000 positions are far more samples than a ``D x D`` covariance needs (the
     shipped inter predictor reads every 4th: RESULTS.md section 1, session 21).
+    ``residual_scale`` weighs the head's kernel in ``pca_residual`` (``RESIDUAL_SCALE`` unless
+    ``hyper.data_layers_residual_scale`` says otherwise).
     """
     k1, k2, c_in, c_out = predicted_kernel.shape
     if k1 != k2:
@@ -82,7 +85,7 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     if mode == "pca_residual":
         m = min(c_out // 2, k1 * k2 * c_in)
         pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m, patch_stride)
-        return pca + RESIDUAL_SCALE * predicted_kernel
+        return pca + residual_scale * predicted_kernel
     if mode == "whitened":
         whiten = whitening_matrix(x, mask, k1, stride=patch_stride).astype(predicted_kernel.dtype)
         return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
@@ -102,13 +105,15 @@ def _same_conv(module: nn.Conv, x, kernel):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def kernel_builder(mode: str, patch_stride: int = 1) -> KernelBuilder:
+def kernel_builder(mode: str, patch_stride: int = 1,
+                   residual_scale: float = RESIDUAL_SCALE) -> KernelBuilder:
     """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode."""
     if mode not in MODES or mode == "none":
         raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
     if not (isinstance(patch_stride, int) and patch_stride >= 1):
         raise ValueError(f"hyper.data_layers_patch_stride must be an integer >= 1; got {patch_stride!r}.")
-    return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride)
+    return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
+                             residual_scale=float(residual_scale))
 
 
 def forward_with_data_layers(build_kernel: KernelBuilder, target: nn.Module, variables, images, mask):

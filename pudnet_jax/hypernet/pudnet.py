@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.data_layers import MODES as DATA_LAYER_MODES
+from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE as DATA_LAYERS_RESIDUAL_SCALE
 from pudnet_jax.hypernet.data_layers import forward_with_data_layers, kernel_builder
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA, ridge_classifier
@@ -86,6 +87,8 @@ class PudNet(nn.Module):
         ``'whitened'`` (the head's kernel applied to whitened patches). No parameters.
       data_layers_patch_stride: the data layers' patch statistics read every s-th patch
         position per axis (1: all of them).
+      data_layers_residual_scale: weight of the head's kernel on top of the principal
+        directions under ``pca_residual``.
     """
 
     target_name: str
@@ -105,6 +108,7 @@ class PudNet(nn.Module):
     stem_pca_components: int = 0
     data_layers: str = "none"
     data_layers_patch_stride: int = 1
+    data_layers_residual_scale: float = DATA_LAYERS_RESIDUAL_SCALE
 
     @nn.compact
     def __call__(self, images, labels, mask):
@@ -145,7 +149,8 @@ class PudNet(nn.Module):
             batch_stats = updates["batch_stats"]
         else:
             params, target_features, batch_stats = forward_with_data_layers(
-                kernel_builder(self.data_layers, self.data_layers_patch_stride), stats_target, {"params": params, "batch_stats": init_stats},
+                kernel_builder(self.data_layers, self.data_layers_patch_stride,
+                               self.data_layers_residual_scale), stats_target, {"params": params, "batch_stats": init_stats},
                 images, mask)
 
         dense_row = next(i for i, s in enumerate(specs) if s.kind == "dense_kernel")
