@@ -76,9 +76,7 @@ def source_dataset_tasks(config, dataset: str, num_tasks: int):
     if dataset not in sources:
         raise ValueError(f"--source_dataset={dataset!r} is not a source of this predictor "
                          f"(sources {list(sources)}; {d.held_out!r} is held out and stays unseen).")
-    return [task for seed in range(1, num_tasks + 1)
-            for task in data.make_eval_tasks("inter", dataset, predict_shots=d.predict_shots,
-                                             seed=seed, **train.prepare_kwargs(config))]
+    return train.source_dataset_tasks(config, dataset, num_tasks, first_seed=1)
 
 
 def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = None,

@@ -314,12 +314,16 @@ def _lr_note(t: dict) -> str:
     return note
 
 
+def _scratch_runs(row: dict) -> list:
+    """A baseline task's from-scratch runs, one per seed (``scratch_seeds``)."""
+    return [row["scratch"], *row.get("scratch_other_seeds", [])]
+
+
 def _seed_note(r: dict) -> str:
     """Each from-scratch run's epoch-1 accuracy, per baseline task: how far one seed moves the bar."""
     notes = []
     for row in r["per_baseline_task"]:
-        runs = [row["scratch"], *row.get("scratch_other_seeds", [])]
-        notes.append("/".join(f"{100 * run['epoch_accuracy'][1]:.2f}" for run in runs))
+        notes.append("/".join(f"{100 * run['epoch_accuracy'][1]:.2f}" for run in _scratch_runs(row)))
     return "epoch 1 per seed: " + "; ".join(notes) + "%"
 
 
@@ -428,7 +432,7 @@ def plot_results(r: dict, output: str) -> None:
     s, f, tp = b["scratch"], b["finetune"], b["predict_seconds_mean"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in r["per_baseline_task"]:  # epoch 0 (0 s) cannot sit on a log axis
-        for run in (row["scratch"], *row.get("scratch_other_seeds", [])):
+        for run in _scratch_runs(row):
             ax.plot(run["epoch_seconds_cumulative"][1:], run["epoch_accuracy"][1:], color="0.8", lw=0.7)
     ax.plot(s["epoch_seconds_mean"][1:], s["epoch_accuracy_mean"][1:], "o-", label="Adam from scratch (mean)")
     ax.plot([tp + t for t in f["epoch_seconds_mean"]], f["epoch_accuracy_mean"], "s-",
@@ -447,7 +451,7 @@ def plot_results(r: dict, output: str) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    best = [max(_curve_stats([row["scratch"], *row.get("scratch_other_seeds", [])])["epoch_accuracy_mean"])
+    best = [max(_curve_stats(_scratch_runs(row))["epoch_accuracy_mean"])
             for row in r["per_baseline_task"]]
     pred = [row["predicted"] for row in r["per_task"][:len(best)]]
     ax.scatter(best, pred)

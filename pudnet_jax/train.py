@@ -239,8 +239,9 @@ def prepare_kwargs(config) -> dict:
 
 
 def validation_dataset(config) -> str:
-    """``data.validation_dataset`` checked ('' when unset): an inter source, not the held-out one,
-    and not the only source (leave-one-source-out validation; see configs/common.py)."""
+    """``data.validation_dataset`` checked ('' when unset): an inter source, not the held-out one
+    (leave-one-source-out validation; see configs/common.py). ``data.meta_train_pools`` refuses
+    an exclusion that leaves no source to meta-train on."""
     d = config.data
     name = str(d.get("validation_dataset", "") or "")
     if not name:
@@ -252,9 +253,17 @@ def validation_dataset(config) -> str:
     if name not in sources:
         raise ValueError(f"data.validation_dataset={name!r} must be one of the sources {list(sources)} "
                          f"(the held-out {d.held_out!r} stays unseen until the final evaluation).")
-    if len(sources) < 2:
-        raise ValueError(f"data.validation_dataset={name!r} would leave no source to meta-train on.")
     return name
+
+
+def source_dataset_tasks(config, dataset: str, num_tasks: int, first_seed: int) -> list:
+    """``num_tasks`` whole-dataset tasks of the inter source ``dataset``, built as the held-out
+    dataset's evaluation task (``data.predict_shots`` train images per class given to predict,
+    scored on its test split), each with its own predict sample (task seeds ``first_seed``,
+    ``first_seed + 1``, ...)."""
+    return [task for seed in range(first_seed, first_seed + num_tasks)
+            for task in data.make_eval_tasks("inter", dataset, predict_shots=config.data.predict_shots,
+                                             seed=seed, **prepare_kwargs(config))]
 
 
 def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
@@ -307,10 +316,8 @@ class Validator:
         self.tasks, self.batches = [], []
         left_out = validation_dataset(config)
         if left_out:
-            self.tasks = [task for t in range(max(1, d.num_val_tasks))
-                          for task in data.make_eval_tasks(
-                              "inter", left_out, predict_shots=d.predict_shots,
-                              seed=d.eval_task_seed + 1 + t, **prepare_kwargs(config))]
+            self.tasks = source_dataset_tasks(config, left_out, max(1, d.num_val_tasks),
+                                              first_seed=d.eval_task_seed + 1)
         elif d.setting == "intra":
             self.tasks = data.make_eval_tasks(
                 "intra", d.dataset, classes="meta_val", num_tasks=d.num_val_tasks, way=d.way,

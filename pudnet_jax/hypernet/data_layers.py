@@ -20,8 +20,9 @@ Each conv is built from the activations the already-built layers produce, so the
 comes out of one forward pass over the batch: the BatchNorm pass predict runs anyway, with every
 ``nn.Conv`` call intercepted (``flax.linen.intercept_methods``) to compute its kernel from its
 input first. Cost: one patch covariance and one ``D x D`` eigendecomposition per conv (``D = k
-* k * C_in``; 576 for resnet8's widest); ``patch_stride`` thins the covariance's patches. The statistics carry no gradient (``stem.patch_covariance``); the gradient
-reaches the head through ``H``.
+* k * C_in``; 576 for resnet8's widest); ``patch_stride`` thins the covariance's patches. The
+statistics carry no gradient (``stem.patch_covariance``); the gradient reaches the head through
+``H``.
 """
 
 from __future__ import annotations
@@ -105,13 +106,18 @@ def _same_conv(module: nn.Conv, x, kernel):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def check_patch_stride(patch_stride) -> None:
+    """Raises ``ValueError`` unless ``patch_stride`` is an integer >= 1."""
+    if not (isinstance(patch_stride, int) and patch_stride >= 1):
+        raise ValueError(f"hyper.data_layers_patch_stride must be an integer >= 1; got {patch_stride!r}.")
+
+
 def kernel_builder(mode: str, patch_stride: int = 1,
                    residual_scale: float = RESIDUAL_SCALE) -> KernelBuilder:
     """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode."""
     if mode not in MODES or mode == "none":
         raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
-    if not (isinstance(patch_stride, int) and patch_stride >= 1):
-        raise ValueError(f"hyper.data_layers_patch_stride must be an integer >= 1; got {patch_stride!r}.")
+    check_patch_stride(patch_stride)
     return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
                              residual_scale=float(residual_scale))
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.data_layers import MODES as DATA_LAYER_MODES
 from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE as DATA_LAYERS_RESIDUAL_SCALE
-from pudnet_jax.hypernet.data_layers import forward_with_data_layers, kernel_builder
+from pudnet_jax.hypernet.data_layers import check_patch_stride, forward_with_data_layers, kernel_builder
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA, ridge_classifier
 from pudnet_jax.hypernet.stem import pca_stem_kernel
@@ -116,9 +116,7 @@ class PudNet(nn.Module):
             raise ValueError(f"hyper.classifier must be one of {CLASSIFIERS}; got {self.classifier!r}.")
         if self.data_layers not in DATA_LAYER_MODES:
             raise ValueError(f"hyper.data_layers must be one of {DATA_LAYER_MODES}; got {self.data_layers!r}.")
-        if not (isinstance(self.data_layers_patch_stride, int) and self.data_layers_patch_stride >= 1):
-            raise ValueError("hyper.data_layers_patch_stride must be an integer >= 1; "
-                             f"got {self.data_layers_patch_stride!r}.")
+        check_patch_stride(self.data_layers_patch_stride)
         image_shape = tuple(self.image_shape)
         specs = target_specs(self.target_name, self.num_classes, image_shape)
         _, prototypes, _, sketch = SetEncoder(
@@ -148,9 +146,10 @@ class PudNet(nn.Module):
                 features_only=True, mutable=["batch_stats"])
             batch_stats = updates["batch_stats"]
         else:
+            build_kernel = kernel_builder(self.data_layers, self.data_layers_patch_stride,
+                                          self.data_layers_residual_scale)
             params, target_features, batch_stats = forward_with_data_layers(
-                kernel_builder(self.data_layers, self.data_layers_patch_stride,
-                               self.data_layers_residual_scale), stats_target, {"params": params, "batch_stats": init_stats},
+                build_kernel, stats_target, {"params": params, "batch_stats": init_stats},
                 images, mask)
 
         dense_row = next(i for i, s in enumerate(specs) if s.kind == "dense_kernel")

@@ -42,7 +42,8 @@ def patch_moments(images, mask, kernel_size: int, stride: int = 1):
     """``(count, sum [D], sum of outer products [D, D])`` of the masked images' patches.
 
     ``stride > 1`` samples every ``stride``-th patch position per axis (``stride**2`` times less
-    work; the patches stay contiguous ``k x k`` windows, only fewer of them). Accumulated ``_MOMENT_CHUNK`` images at a time, so memory does not grow with the batch.
+    work; the patches stay contiguous ``k x k`` windows, only fewer of them). Accumulated
+    ``_MOMENT_CHUNK`` images at a time, so memory does not grow with the batch.
     Rows with ``mask=False`` contribute nothing.
     """
     n = images.shape[0]
