@@ -230,16 +230,27 @@ def _strict_abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
+def restore_hyper_params(directory: str, config, step: int | None = None) -> tuple[Any, dict]:
     """Hypernetwork params from an export or a workdir (best, else latest).
 
-    Returns ``(hyper_params, info)``. Raises ``FileNotFoundError`` if nothing is there and
-    ``ArchitectureMismatchError`` if the checkpoint's shapes do not fit ``config``.
+    ``step`` (training workdirs only) reads the train state saved at that step instead, e.g. to
+    score a run's checkpoints one by one (``launch/selection_signals.py``; keep them with
+    ``train.keep_checkpoints``). Returns ``(hyper_params, info)``. Raises ``FileNotFoundError`` if
+    nothing (or not that step) is there and ``ArchitectureMismatchError`` if the checkpoint's
+    shapes do not fit ``config``.
     """
     from pudnet_jax.predict import init_hyper_params
 
     abstract = _strict_abstract(jax.eval_shape(lambda: init_hyper_params(config, jax.random.key(0))))
     export_dir = os.path.join(directory, "hyper_params")
+    if step is not None:
+        if os.path.isdir(export_dir):
+            raise ValueError(f"{directory!r} is an export (one set of params); step={step} needs a "
+                             "training workdir.")
+        stored = saved_steps(directory)
+        if step not in stored:
+            raise FileNotFoundError(f"No train state at step {step} in {directory!r}; its "
+                                    f"checkpoints/ holds steps {stored}.")
     try:
         if os.path.isdir(export_dir):
             # Context managers close Orbax's async machinery: an unclosed checkpointer printed
@@ -249,12 +260,15 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
             info_path = os.path.join(directory, "info.json")
             info = json.load(open(info_path)) if os.path.exists(info_path) else {}
             return params, info
-        for sub, key in (("best", "params"), ("checkpoints", "state")):
+        places = (("best", "params"), ("checkpoints", "state"))
+        requested = step
+        for sub, key in places if requested is None else places[1:]:
             path = os.path.join(directory, sub)
             if not os.path.isdir(path):
                 continue
             with _manager(path, 1, read_only=True) as manager:
-                step = manager.latest_step()
+                if step is None:
+                    step = manager.latest_step()
                 if step is None:
                     continue
                 if key == "params":
@@ -272,7 +286,7 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
                 abstract_state = _strict_abstract(
                     jax.eval_shape(lambda: create_train_state(state_config, jax.random.key(0))))
                 state, _ = _restore_state(manager, path, step, abstract_state)
-                return state.params, {"step": step, "source": "latest"}
+                return state.params, {"step": step, "source": "latest" if requested is None else "saved"}
     except (ValueError, KeyError) as e:
         if isinstance(e, ArchitectureMismatchError):
             raise
@@ -282,6 +296,15 @@ def restore_hyper_params(directory: str, config) -> tuple[Any, dict]:
             f"the checkpoint's?): {e}") from e
     raise FileNotFoundError(f"No hypernetwork checkpoint in {directory!r}: expected hyper_params/ "
                             "(an export) or best/ or checkpoints/ (a training workdir).")
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps whose train states a training workdir's ``checkpoints/`` holds, ascending."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    with _manager(path, 1, read_only=True) as manager:
+        return sorted(manager.all_steps())
 
 
 def export_predictor(hyper_params: Any, config, directory: str, info: dict) -> None:

@@ -415,3 +415,65 @@ def test_stem_probe_reads_every_backbone_out_as_predict_does(hyper, tmp_path):
     write_report(str(tmp_path / "out"), "probe", r, markdown(r))
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["stem_pca_components"] == 4
     assert "| random init, PCA stem |" in (tmp_path / "out" / "probe.md").read_text()
+
+
+def test_selection_signals_ranks_steps_and_picks_what_each_signal_selects():
+    """launch/selection_signals.py's summary: Spearman's rank correlation (ties averaged), the
+    step each signal selects (the earliest of equal scores, as the Validator keeps the first
+    best) and the held-out accuracy there."""
+    from launch.selection_signals import spearman, summarise
+
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([0.5, 0.5, 2, 3], [0, 1, 2, 3])[0, 1])
+    with pytest.raises(ValueError, match="same length"):
+        spearman([1, 2, 3], [1, 2])
+    rows = [{"step": 50, "source_meta_val": 0.80, "loso": 0.70, "held_out": 0.30},
+            {"step": 100, "source_meta_val": 0.85, "loso": 0.74, "held_out": 0.33},
+            {"step": 150, "source_meta_val": 0.90, "loso": 0.74, "held_out": 0.32}]
+    s = summarise(rows)
+    assert s["best_held_out"] == 0.33 and s["best_held_out_step"] == 100
+    assert s["source_meta_val"]["selected_step"] == 150
+    assert s["source_meta_val"]["held_out_at_selected"] == 0.32
+    assert s["loso"]["selected_step"] == 100  # tied with 150: the first best
+    assert s["loso"]["held_out_at_selected"] == 0.33
+    assert s["source_meta_val"]["spearman_with_held_out"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_selection_signals_scores_each_saved_step_of_a_workdir(hyper, tmp_path):
+    """Each step's row is predict's accuracy with that step's saved parameters
+    (``restore_hyper_params(step=)``); a step that is not saved, an export and a run without
+    leave-one-source-out validation are refused by name."""
+    from launch.selection_signals import score_steps, signal_tasks
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import create_train_state
+
+    c, _ = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.predict_shots = 5
+    workdir = str(tmp_path / "run")
+    checkpoints.write_config(c, workdir)
+    run = checkpoints.RunCheckpoints(workdir, keep=5)
+    states = {step: create_train_state(c, jax.random.key(step, impl="rbg")) for step in (1, 2, 3)}
+    for step, state in states.items():
+        run.save(step, state, {"best": 0.0})
+    run.close()
+    assert checkpoints.saved_steps(workdir) == [1, 2, 3]
+    tasks = baselines.lr_tuning_tasks(c, 2)
+    rows = score_steps(workdir, c, [1, 2, 3], {"source_meta_val": tasks, "loso": tasks, "held_out": tasks})
+    evaluator = TaskEvaluator(c)
+    for row in rows:
+        want = evaluator.evaluate(states[row["step"]].params, tasks)["predicted"]["mean"]
+        assert row["source_meta_val"] == row["loso"] == row["held_out"] == pytest.approx(want)
+    with pytest.raises(FileNotFoundError, match=r"step 7 .* steps \[1, 2, 3\]"):
+        checkpoints.restore_hyper_params(workdir, c, step=7)
+    with pytest.raises(ValueError, match="at least 3 saved steps"):
+        score_steps(workdir, c, [1, 2], {"loso": tasks})
+    export = str(tmp_path / "export")
+    checkpoints.export_predictor(states[1].params, c, export, {})
+    with pytest.raises(ValueError, match="is an export"):
+        checkpoints.restore_hyper_params(export, c, step=1)
+    with pytest.raises(ValueError, match="leave-one-"):
+        signal_tasks(c, 2)
