@@ -477,3 +477,32 @@ def test_selection_signals_scores_each_saved_step_of_a_workdir(hyper, tmp_path):
         checkpoints.restore_hyper_params(export, c, step=1)
     with pytest.raises(ValueError, match="leave-one-"):
         signal_tasks(c, 2)
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_predict_sample_spread_redraws_only_the_evaluation_tasks(hyper, tmp_path):
+    """launch/predict_sample_spread.py: seed 0 reproduces the protocol's own evaluation, another
+    seed draws other tasks for the same predictor; the report states the spread."""
+    from launch.predict_sample_spread import markdown, spread
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import make_test_tasks
+
+    c, hyper_params = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.num_eval_tasks, c.data.predict_shots = 2, 5
+    export = str(tmp_path / "export")
+    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    r = spread(export, [0, 1])
+    first, second = r["rows"]
+    assert first["predicted"] == pytest.approx(
+        TaskEvaluator(c).evaluate(hyper_params, make_test_tasks(c))["predicted"]["mean"])
+    redrawn = c.copy_and_resolve_references()
+    redrawn.data.eval_task_seed = 1
+    tasks_0, tasks_1 = make_test_tasks(c), make_test_tasks(redrawn)
+    assert not np.array_equal(tasks_0[0].predict_indices, tasks_1[0].predict_indices)
+    assert second["predicted"] == pytest.approx(
+        TaskEvaluator(redrawn).evaluate(hyper_params, tasks_1)["predicted"]["mean"])
+    assert r["over_seeds"]["n"] == 2
+    assert r["std"] == pytest.approx(abs(first["predicted"] - second["predicted"]) / np.sqrt(2))
+    assert "standard deviation" in markdown(r)
