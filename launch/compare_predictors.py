@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints, data, train
 from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
-from pudnet_jax.metrics import write_report
+from pudnet_jax.metrics import machine_line, write_report
 from pudnet_jax.train import machine_description
 
 
@@ -137,8 +137,7 @@ def markdown(result: dict) -> str:
             if result.get("source_dataset") else "meta-val tasks")
     lines = [f"# Predictors compared on {result['num_val_tasks']} {kind} "
              f"({result['predict_shots']} images per class given to predict)", "",
-             f"- Machine: {m['cpu']} ({m['cpu_count']} CPUs), JAX {m['jax_version']} "
-             f"backend `{m['jax_backend']}`; wall time {result['wall_seconds']:.1f} s; "
+             f"- Machine: {machine_line(m)}; wall time {result['wall_seconds']:.1f} s; "
              + (f"task seeds 1..{result['num_val_tasks']}" if result.get("source_dataset") else
                 f"task seed data.eval_task_seed + 1 = {result['eval_task_seed'] + 1}"), "",
              "| predictor | accuracy % | minus the first (paired) | predict s (median) |",

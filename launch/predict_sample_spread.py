@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import checkpoints, train
 from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
-from pudnet_jax.metrics import write_report
+from pudnet_jax.metrics import machine_line, write_report
 
 
 def spread(checkpoint: str, seeds: list[int], predict_shots: int | None = None) -> dict:
@@ -63,8 +63,7 @@ def markdown(result: dict, command: str = "") -> str:
             else "the unseen-class tasks")
     lines = [f"# `{result['checkpoint']}` on {what}, predict samples drawn at "
              f"{len(result['rows'])} evaluation task seeds ({result['predict_shots']} images per class)", "",
-             f"- Machine: {m['cpu']} ({m['cpu_count']} CPUs), JAX {m['jax_version']} backend "
-             f"`{m['jax_backend']}`; wall time {result['wall_seconds']:.1f} s"]
+             f"- Machine: {machine_line(m)}; wall time {result['wall_seconds']:.1f} s"]
     if command:
         lines.append(f"- Command: `{command}`")
     lines += ["", "| eval_task_seed | predicted % | predict s (median) |", "| --- | --- | --- |"]

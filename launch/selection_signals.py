@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints, train
 from pudnet_jax.evaluate import TaskEvaluator
-from pudnet_jax.metrics import write_report
+from pudnet_jax.metrics import machine_line, write_report
 
 SIGNALS = ("source_meta_val", "loso")
 
@@ -127,8 +127,7 @@ def markdown(result: dict, command: str = "") -> str:
              f"tasks of {result['left_out']} (left out of meta-training); held-out: "
              f"{result['held_out_dataset']} ({n['held_out']} task, analysis only, never selected on); "
              f"{result['predict_shots']} images per class given to predict",
-             f"- Machine: {m['cpu']} ({m['cpu_count']} CPUs), JAX {m['jax_version']} backend "
-             f"`{m['jax_backend']}`; wall time {result['wall_seconds']:.1f} s; task seed "
+             f"- Machine: {machine_line(m)}; wall time {result['wall_seconds']:.1f} s; task seed "
              f"data.eval_task_seed = {result['eval_task_seed']} (+1 for the validation tasks)"]
     if command:
         lines.append(f"- Command: `{command}`")

@@ -35,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from pudnet_jax import baselines, checkpoints, data
+from pudnet_jax import baselines, checkpoints, data, metrics
 from pudnet_jax.evaluate import (TaskEvaluator, accuracy, format_mean_ci, init_target,
                                  mean_and_ci95, random_init_seed)
 from pudnet_jax.train import machine_description, make_test_tasks
@@ -370,8 +370,7 @@ def markdown_report(r: dict) -> str:
     lines = [
         f"# Benchmark: {r['setting']} / {r['dataset']} / target {r['target']}", "",
         f"- Checkpoint: `{r['checkpoint']['path']}` ({r['checkpoint']['info']})",
-        f"- Machine: {m['cpu']} ({m['cpu_count']} CPUs), JAX {m['jax_version']} backend "
-        f"`{m['jax_backend']}`, devices {m['devices']}",
+        f"- Machine: {metrics.machine_line(m)}, devices {m['devices']}",
         f"- Seed: {r['seed']}; config: `{r['config_arg'] or 'given programmatically'}` (full config in benchmark.json)",
         f"- Command: `{r['command']}`",
         f"- Total wall time: {r['total_wall_seconds']:.1f} s; load average (1 min) "

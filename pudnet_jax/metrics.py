@@ -9,6 +9,13 @@ import time
 import jax
 
 
+def machine_line(machine: dict) -> str:
+    """``train.machine_description()`` as the one line every report prints: CPU, CPU count, JAX
+    version and backend."""
+    return (f"{machine['cpu']} ({machine['cpu_count']} CPUs), JAX {machine['jax_version']} backend "
+            f"`{machine['jax_backend']}`")
+
+
 def write_report(output_dir: str, name: str, result: dict, markdown: str) -> None:
     """Writes a probe's or benchmark script's ``NAME.json`` (the full result) and ``NAME.md``
     (its table) into ``output_dir`` (created if needed), and prints the table."""

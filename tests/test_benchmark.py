@@ -48,6 +48,20 @@ def hyper():
     return c, init_hyper_params(c, jax.random.key(0, impl="rbg"))
 
 
+def _small_export(hyper, tmp_path, **hyper_fields):
+    """The ``hyper`` fixture's random predictor exported with 2 unseen tasks and 5 images per
+    class given to predict (``hyper_fields`` override ``config.hyper``): ``(config, params, path)``."""
+    c, hyper_params = hyper
+    c = c.copy_and_resolve_references()
+    c.cache_dir = str(tmp_path / "cache")
+    c.data.num_eval_tasks, c.data.predict_shots = 2, 5
+    for field, value in hyper_fields.items():
+        c.hyper[field] = value
+    export = str(tmp_path / "export")
+    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    return c, hyper_params, export
+
+
 @pytest.fixture(scope="module")
 def scratch_run():
     x, y = _separable(15, seed=0)  # 300 images = 4 full batches of 64 + a padded batch of 44
@@ -268,12 +282,7 @@ def test_classifier_swap_chooses_settings_on_meta_val_only(hyper, tmp_path):
     from pudnet_jax.evaluate import TaskEvaluator
     from pudnet_jax.train import make_test_tasks
 
-    c, hyper_params = hyper
-    c = c.copy_and_resolve_references()
-    c.cache_dir = str(tmp_path / "cache")
-    c.data.num_eval_tasks, c.data.predict_shots = 2, 5
-    export = str(tmp_path / "export")
-    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    c, hyper_params, export = _small_export(hyper, tmp_path)
     r = run_swap(export, shots_grid=[5, 15], ridge_lambdas=[1e-2], num_val_tasks=2)
 
     sweep = r["ridge_sweep_meta_val"]
@@ -387,13 +396,7 @@ def test_stem_probe_reads_every_backbone_out_as_predict_does(hyper, tmp_path):
     from pudnet_jax.metrics import write_report
     from pudnet_jax.train import make_test_tasks
 
-    c, hyper_params = hyper
-    c = c.copy_and_resolve_references()
-    c.cache_dir = str(tmp_path / "cache")
-    c.data.num_eval_tasks, c.data.predict_shots = 2, 5
-    c.hyper.classifier = "ridge"
-    export = str(tmp_path / "export")
-    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    c, hyper_params, export = _small_export(hyper, tmp_path, classifier="ridge")
     r = run_probe(export, num_val_tasks=2, num_components=4)
     unseen = r["splits"]["unseen"]["rows"]
     tasks = make_test_tasks(c)
@@ -487,12 +490,7 @@ def test_predict_sample_spread_redraws_only_the_evaluation_tasks(hyper, tmp_path
     from pudnet_jax.evaluate import TaskEvaluator
     from pudnet_jax.train import make_test_tasks
 
-    c, hyper_params = hyper
-    c = c.copy_and_resolve_references()
-    c.cache_dir = str(tmp_path / "cache")
-    c.data.num_eval_tasks, c.data.predict_shots = 2, 5
-    export = str(tmp_path / "export")
-    checkpoints.export_predictor(hyper_params, c, export, {"note": "random init"})
+    c, hyper_params, export = _small_export(hyper, tmp_path)
     r = spread(export, [0, 1])
     first, second = r["rows"]
     assert first["predicted"] == pytest.approx(
