@@ -41,8 +41,9 @@ def spread(checkpoint: str, seeds: list[int], predict_shots: int | None = None) 
     evaluator = TaskEvaluator(config)
     rows = []
     for seed in seeds:
-        config.data.eval_task_seed = int(seed)
-        tasks = train.make_test_tasks(config)
+        drawn = config.copy_and_resolve_references()  # the evaluator's config stays as read
+        drawn.data.eval_task_seed = int(seed)
+        tasks = train.make_test_tasks(drawn)
         result = evaluator.evaluate(params, tasks)
         rows.append({"eval_task_seed": int(seed), "tasks": [t.name for t in tasks],
                      "predicted": result["predicted"]["mean"],

@@ -29,6 +29,7 @@ import sys
 import time
 
 import numpy as np
+import scipy.stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,23 +41,14 @@ SIGNALS = ("source_meta_val", "loso")
 
 
 def spearman(a, b) -> float:
-    """Spearman's rank correlation of two equal-length sequences (average ranks for ties)."""
+    """Spearman's rank correlation of two equal-length sequences (average ranks for ties; NaN if
+    either is constant)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape or a.size < 3:
         raise ValueError(f"need two sequences of the same length >= 3; got {a.shape} and {b.shape}")
-
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x), dtype=float)
-        for value in np.unique(x):  # ties share their mean rank
-            r[x == value] = r[x == value].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -243,14 +243,9 @@ def restore_hyper_params(directory: str, config, step: int | None = None) -> tup
 
     abstract = _strict_abstract(jax.eval_shape(lambda: init_hyper_params(config, jax.random.key(0))))
     export_dir = os.path.join(directory, "hyper_params")
-    if step is not None:
-        if os.path.isdir(export_dir):
-            raise ValueError(f"{directory!r} is an export (one set of params); step={step} needs a "
-                             "training workdir.")
-        stored = saved_steps(directory)
-        if step not in stored:
-            raise FileNotFoundError(f"No train state at step {step} in {directory!r}; its "
-                                    f"checkpoints/ holds steps {stored}.")
+    if step is not None and os.path.isdir(export_dir):
+        raise ValueError(f"{directory!r} is an export (one set of params); step={step} needs a "
+                         "training workdir.")
     try:
         if os.path.isdir(export_dir):
             # Context managers close Orbax's async machinery: an unclosed checkpointer printed
@@ -260,21 +255,24 @@ def restore_hyper_params(directory: str, config, step: int | None = None) -> tup
             info_path = os.path.join(directory, "info.json")
             info = json.load(open(info_path)) if os.path.exists(info_path) else {}
             return params, info
-        places = (("best", "params"), ("checkpoints", "state"))
-        requested = step
-        for sub, key in places if requested is None else places[1:]:
+        # Without a step: the best params, else the latest train state. With one: that train state.
+        places = ((("best", "params"), ("checkpoints", "state")) if step is None
+                  else (("checkpoints", "state"),))
+        for sub, key in places:
             path = os.path.join(directory, sub)
             if not os.path.isdir(path):
                 continue
             with _manager(path, 1, read_only=True) as manager:
-                if step is None:
-                    step = manager.latest_step()
-                if step is None:
+                if step is not None and step not in manager.all_steps():
+                    raise FileNotFoundError(f"No train state at step {step} in {directory!r}; its "
+                                            f"checkpoints/ holds steps {sorted(manager.all_steps())}.")
+                at = manager.latest_step() if step is None else step
+                if at is None:
                     continue
                 if key == "params":
-                    restored = manager.restore(step, args=ocp.args.Composite(
+                    restored = manager.restore(at, args=ocp.args.Composite(
                         params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-                    return restored.params, {"step": step, "source": "best", **dict(restored.meta)}
+                    return restored.params, {"step": at, "source": "best", **dict(restored.meta)}
                 from pudnet_jax.train import create_train_state
 
                 # The train state's shape beyond the params (the source head) is the run's own:
@@ -285,8 +283,8 @@ def restore_hyper_params(directory: str, config, step: int | None = None) -> tup
                     state_config.train = read_config(directory).train
                 abstract_state = _strict_abstract(
                     jax.eval_shape(lambda: create_train_state(state_config, jax.random.key(0))))
-                state, _ = _restore_state(manager, path, step, abstract_state)
-                return state.params, {"step": step, "source": "latest" if requested is None else "saved"}
+                state, _ = _restore_state(manager, path, at, abstract_state)
+                return state.params, {"step": at, "source": "latest" if step is None else "saved"}
     except (ValueError, KeyError) as e:
         if isinstance(e, ArchitectureMismatchError):
             raise
