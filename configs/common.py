@@ -66,14 +66,15 @@ def base_config() -> ml_collections.ConfigDict:
     # m > 0: the target's first conv gets m principal directions of the batch's own patches (and
     # their negatives) as its first 2m filters, instead of the head's (pudnet_jax/hypernet/stem.py).
     c.hyper.stem_pca_components = 0
-    # none | pca_residual | whitened: build every conv on its own input's patch statistics on
-    # the batch, with the head's kernel as a correction or applied to whitened patches
-    # (pudnet_jax/hypernet/data_layers.py).
+    # none | pca_residual | discriminant_residual | whitened: build every conv on its own input's
+    # patch statistics on the batch (principal directions, or the directions that separate the
+    # batch's classes), with the head's kernel as a correction, or apply the head's kernel to
+    # whitened patches (pudnet_jax/hypernet/data_layers.py).
     c.hyper.data_layers = "none"
     # s > 1: data_layers estimate each conv's patch statistics from every s-th patch position
     # per axis (s**2 times less work for the costliest part of predict under data_layers).
     c.hyper.data_layers_patch_stride = 1
-    # pca_residual: kernel = principal directions + this x the head's kernel (the head's filters
+    # *_residual: kernel = data-derived directions + this x the head's kernel (the head's filters
     # have norm ~sqrt(2) x its gain, the PCA filters 1: 0.25 starts the correction at ~1/3).
     c.hyper.data_layers_residual_scale = RESIDUAL_SCALE
 

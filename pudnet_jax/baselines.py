@@ -356,9 +356,9 @@ def with_pca_stem(target_name: str, variables, batch, num_components: int):
 def _data_layers_fn(target_name: str, num_classes: int, mode: str, patch_stride: int,
                     residual_scale: float):
     stats_target = get_target(target_name, num_classes, bn_momentum=0.0)
-    build_kernel = kernel_builder(mode, patch_stride, residual_scale)
 
-    def build(variables, images, mask):
+    def build(variables, images, labels, mask):
+        build_kernel = kernel_builder(mode, patch_stride, residual_scale, labels, num_classes)
         params, _, _ = forward_with_data_layers(build_kernel, stats_target, variables, images, mask)
         return {**variables, "params": params}
 
@@ -372,7 +372,8 @@ def with_data_layers(target_name: str, variables, batch, mode: str, patch_stride
     not modified (its BatchNorm parameters are kept; a read-out recomputes the statistics)."""
     num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
     return _data_layers_fn(target_name, num_classes, mode, int(patch_stride), float(residual_scale))(
-        variables, jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["mask"], bool))
+        variables, jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["label"], jnp.int32),
+        jnp.asarray(batch["mask"], bool))
 
 
 def random_backbone_accuracy(config, task, seed: int) -> float | None:

@@ -504,3 +504,33 @@ def test_predict_sample_spread_redraws_only_the_evaluation_tasks(hyper, tmp_path
     assert r["over_seeds"]["n"] == 2
     assert r["std"] == pytest.approx(abs(first["predicted"] - second["predicted"]) / np.sqrt(2))
     assert "standard deviation" in markdown(r)
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_construction_probe_scores_closed_form_networks_read_out_as_predict(hyper, tmp_path):
+    """launch/construction_probe.py: each construction's score is the closed-form network's
+    accuracy with predict's read-out, the two constructions differ, the report pairs them, and
+    a checkpoint of another setting is refused by name (the probe chooses on inter sources)."""
+    from launch.construction_probe import markdown, run_probe, score
+    from pudnet_jax import train
+    from pudnet_jax.evaluate import mean_and_ci95, random_init_seed
+    from pudnet_jax.pca_backbone import pca_backbone
+
+    c, _, export = _small_export(hyper, tmp_path)
+    tasks = baselines.lr_tuning_tasks(c, 2)
+    scores = score(c, tasks, ("pca", "discriminant"))
+    task, batch = tasks[1], tasks[1].dataset_batch()
+    random = init_target("resnet8", task.num_classes, task.test_images.shape[1:], random_init_seed(c, 1))
+    network = pca_backbone("resnet8", random, batch["image"], batch["mask"], batch["label"], "discriminant")
+    variables = baselines.solved_readout("resnet8", network, batch, "ridge", c.hyper.ridge_lambda)
+    assert scores["discriminant"][1] == pytest.approx(
+        accuracy("resnet8", variables, task.test_images, task.test_labels))
+    assert len(scores["pca"]) == 2 and scores["pca"] != scores["discriminant"]
+    with pytest.raises(ValueError, match="inter"):
+        run_probe(export, 1, "fashion_mnist", 1, 1)
+    fake = {"splits": {"meta_val": {"tasks": ["a", "b"], "rows": {
+        name: {"accuracy": mean_and_ci95(v), "minus_pca": mean_and_ci95(np.subtract(v, scores["pca"]))}
+        for name, v in scores.items()}}}, "source_dataset": "fashion_mnist", "held_out": "cifar10",
+        "ridge_lambda": 0.01, "predict_shots": 5, "patch_stride": 1, "command": "x", "seed": 0,
+        "machine": train.machine_description(), "wall_seconds": 1.0}
+    assert "| discriminant |" in markdown(fake)

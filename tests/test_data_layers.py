@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from pudnet_jax.evaluate import init_target
-from pudnet_jax.hypernet import data_layers, stem
+from pudnet_jax.hypernet import data_layers, discriminant, stem
 from pudnet_jax.models import get_target
 from pudnet_jax.pca_backbone import pca_backbone
 from pudnet_jax.predict import init_hyper_params, make_predict_fn
@@ -83,7 +83,8 @@ def test_pca_residual_with_a_zero_head_is_the_pca_network():
 
 
 @pytest.mark.parametrize("mode, patch_stride, residual_scale",
-                         [("pca_residual", 1, 0.25), ("whitened", 1, 0.25), ("pca_residual", 2, 1.0)])
+                         [("pca_residual", 1, 0.25), ("whitened", 1, 0.25), ("pca_residual", 2, 1.0),
+                          ("discriminant_residual", 2, 0.25)])
 def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scale,
                                   predict_against_plain, check_padding_and_relabelling):
     """Same tree and hypernetwork parameters as without; the first conv is the data-derived
@@ -97,17 +98,19 @@ def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scal
     params, batch, got, head_only, predict = predict_against_plain(config)
     images = batch["image"]
     head_kernel = head_only["params"]["conv_init"]["kernel"]
+    labelled = {"labels": jnp.asarray(batch["label"]), "num_classes": config.model.num_classes}
     want = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
                                            head_kernel, patch_stride=patch_stride,
-                                           residual_scale=residual_scale)
+                                           residual_scale=residual_scale, **labelled)
     np.testing.assert_allclose(got["params"]["conv_init"]["kernel"], want, rtol=1e-3, atol=1e-4)
     if patch_stride > 1:  # the stride reaches the statistics: all positions give another kernel
         every = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
-                                                head_kernel, residual_scale=residual_scale)
+                                                head_kernel, residual_scale=residual_scale, **labelled)
         assert not np.allclose(want, every, atol=1e-3)
-    if mode == "pca_residual":  # the scale weighs the head's kernel on top of the same PCA filters
+    if mode.endswith("_residual"):  # the scale weighs the head's kernel on top of the same filters
         pca = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
-                                              head_kernel, patch_stride=patch_stride, residual_scale=0.0)
+                                              head_kernel, patch_stride=patch_stride, residual_scale=0.0,
+                                              **labelled)
         np.testing.assert_allclose(want - pca, residual_scale * head_kernel, atol=1e-5)
     assert not np.allclose(got["params"]["ResNetBlock_2"]["Conv_1"]["kernel"],
                            head_only["params"]["ResNetBlock_2"]["Conv_1"]["kernel"], atol=1e-3)
@@ -117,6 +120,12 @@ def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scal
     # turn with the summation order (20 rows vs 26) by more than any tolerance that would still
     # catch a leak; structured images' spectra are better separated (up to ~3e-3 remains in
     # the deepest BatchNorm means with 20 images: float32 reduction order).
+    # For the labelled mode these two properties are asserted where its kernels are decided
+    # (test_discriminant_directions_ignore_padding_and_class_names): with 20 images of 5
+    # classes the deepest convs' between-class spectra are near-degenerate whatever the images,
+    # and float32 reduction order differences then turn whole directions.
+    if mode in data_layers.LABELLED_MODES:
+        return
     structured = {**batch, "image": _images(20, seed=6, size=32)}
     check_padding_and_relabelling(predict, params, structured, predict(params, structured), 1e-2)
 
@@ -224,3 +233,82 @@ def test_random_backbone_baseline_goes_through_the_same_data_layers(tiny_config)
     from pudnet_jax.evaluate import accuracy
     assert whitened == pytest.approx(accuracy("resnet8", variables, Task.test_images, Task.test_labels))
     assert 0.0 <= plain <= 1.0
+
+
+def _planted_classes(n=60, seed=0):
+    """Images whose class is a faint pattern along one patch direction, under a strong
+    class-free pattern along another: PCA keeps the strong one, a discriminant the faint one."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 3).astype(np.int32)
+    strong, faint = np.zeros(27, np.float32), np.zeros(27, np.float32)
+    strong[13], faint[4] = 1.0, 1.0  # rows ordered (C, kh, kw): centre of channel 1, channel 0
+    noise = 0.1 * rng.normal(size=(n, 10, 10, 3))
+    nuisance = 3.0 * rng.normal(size=(n, 1, 1, 1)) * np.array([0.0, 1.0, 0.0])  # strong, class-free
+    signal = 0.3 * (labels - 1.0)[:, None, None, None] * np.array([1.0, 0.0, 0.0])  # faint, by class
+    return (noise + nuisance + signal).astype(np.float32), labels, strong, faint
+
+
+def test_discriminant_directions_keep_what_separates_the_classes():
+    images, labels, strong, faint = _planted_classes()
+    mask = jnp.ones(len(labels), bool)
+    top_pca = stem.principal_patch_directions(jnp.asarray(images), mask, 3, 1)[:, 0]
+    top_disc = discriminant.discriminant_patch_directions(
+        jnp.asarray(images), jnp.asarray(labels), mask, 3, 3, 1)[:, 0]
+    # PCA: the class-free channel dominates; the discriminant: all weight on the class channel.
+    assert np.abs(np.asarray(top_pca).reshape(3, 9)[1]).sum() > 2.5
+    rows = np.abs(np.asarray(top_disc)).reshape(3, 9).sum(1)
+    assert rows[0] > 0.9 * rows.sum(), rows
+    np.testing.assert_allclose(np.linalg.norm(top_disc), 1.0, rtol=1e-5)
+    # S_b of the planted direction: the classes' share-weighted mean offsets, (2/3) * 0.3**2.
+    scatter = discriminant.between_class_patch_scatter(jnp.asarray(images), jnp.asarray(labels), mask, 3, 3)
+    np.testing.assert_allclose(faint @ scatter @ faint, (2 / 3) * 0.09, rtol=0.05)
+    # The class-free channel's class means differ only by sampling: a far smaller share of its variance.
+    total = stem.patch_covariance(jnp.asarray(images), mask, 3)
+    ratio = lambda v: float(v @ scatter @ v) / float(v @ total @ v)  # noqa: E731
+    assert ratio(faint) > 0.5 and ratio(strong) < 0.1, (ratio(faint), ratio(strong))
+
+
+def test_discriminant_directions_ignore_padding_and_class_names():
+    """Masked rows (100x garbage, any label) change nothing; relabelling the classes changes
+    nothing (S_b sums over classes); both up to float32 rounding."""
+    images, labels, _, _ = _planted_classes(seed=1)
+    want = discriminant.discriminant_patch_directions(
+        jnp.asarray(images), jnp.asarray(labels), jnp.ones(60, bool), 3, 3, 6, stride=2)
+    padded = discriminant.discriminant_patch_directions(
+        jnp.asarray(np.concatenate([images, 100.0 * images[:7]])), jnp.asarray(np.r_[labels, [2] * 7]),
+        jnp.asarray(np.r_[np.ones(60, bool), np.zeros(7, bool)]), 3, 3, 6, stride=2)
+    np.testing.assert_allclose(padded, want, atol=2e-3)
+    renamed = discriminant.discriminant_patch_directions(
+        jnp.asarray(images), jnp.asarray(np.array([2, 0, 1])[labels]), jnp.ones(60, bool), 3, 3, 6, stride=2)
+    np.testing.assert_allclose(renamed, want, atol=2e-3)
+
+
+def test_discriminant_network_is_the_discriminant_mode_with_a_zero_head():
+    """pca_backbone(construction='discriminant') = the discriminant_residual pass with H = 0
+    (compared on the first two convs: deeper ones, on 24 images of 3 classes, have near-equal
+    eigenvalues that turn with float32 summation order); the labels reach the kernels (other
+    labels, other kernels); a missing label is refused."""
+    images, labels, _, _ = _planted_classes(n=24)
+    mask = np.ones(24, bool)
+    variables = init_target("resnet8", 3, images.shape[1:], seed=0)
+    target = get_target("resnet8", 3, bn_momentum=0.0)
+    zero_head = _unit_norms_zero_kernels(variables["params"])
+    params, _, _ = data_layers.forward_with_data_layers(
+        data_layers.kernel_builder("discriminant_residual", labels=jnp.asarray(labels), num_classes=3),
+        target, {"params": zero_head, "batch_stats": variables["batch_stats"]}, jnp.asarray(images), jnp.asarray(mask))
+    network = pca_backbone("resnet8", variables, images, mask, labels, construction="discriminant")
+    for path in (("conv_init",), ("ResNetBlock_0", "Conv_0")):
+        got, want = network["params"], params
+        for key in path:
+            got, want = got[key], want[key]
+        np.testing.assert_allclose(got["kernel"], want["kernel"], atol=3e-3, err_msg=str(path))
+    shuffled = np.random.default_rng(0).permutation(labels)
+    other = pca_backbone("resnet8", variables, images, mask, shuffled, construction="discriminant")
+    assert not np.allclose(other["params"]["conv_init"]["kernel"], network["params"]["conv_init"]["kernel"],
+                           atol=1e-2)
+    with pytest.raises(ValueError, match="labels"):
+        pca_backbone("resnet8", variables, images, mask, construction="discriminant")
+    with pytest.raises(ValueError, match="labels"):
+        data_layers.kernel_builder("discriminant_residual")
+    with pytest.raises(ValueError, match="construction"):
+        pca_backbone("resnet8", variables, images, mask, labels, construction="lda")

@@ -11,6 +11,9 @@ combines the two inside predict, for every conv, walking the target in forward o
   top ``m`` principal directions of the conv's input patches and their negatives (as
   ``pca_backbone``), the rest zero; ``H`` is the head's kernel. With ``H = 0`` and BatchNorm at
   (1, 0) this is exactly the PCA network, so meta-training starts from it and learns corrections.
+- ``'discriminant_residual'``: as ``'pca_residual'`` with ``P``'s directions the conv input's
+  *discriminant* patch directions (``hypernet.discriminant``: what separates the batch's classes,
+  relative to all the patch variation) in place of its principal ones. Needs the batch's labels.
 - ``'whitened'``: ``kernel = W H`` with ``W = (C + eps I)^(-1/2)`` the ZCA whitening of the
   input's patch covariance ``C``: the head predicts filters for *whitened* patches, and each
   dataset's own covariance maps them back. What the head must learn no longer includes the
@@ -34,10 +37,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pudnet_jax.hypernet.discriminant import discriminant_patch_directions
 from pudnet_jax.hypernet.head import get_path, replaced_path
-from pudnet_jax.hypernet.stem import patch_covariance, pca_stem_kernel
+from pudnet_jax.hypernet.stem import patch_covariance, pca_stem_kernel, regularised_inverse_sqrt
 
-MODES = ("none", "pca_residual", "whitened")
+MODES = ("none", "pca_residual", "discriminant_residual", "whitened")
+# Modes whose kernels depend on the batch's labels as well as its images.
+LABELLED_MODES = ("discriminant_residual",)
 # (conv input on the batch [N, H, W, C], valid rows [N], current HWIO kernel) -> HWIO kernel.
 KernelBuilder = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # The head's kernels have filter norm ~sqrt(2) x its learned gain (He scale); the PCA filters
@@ -62,14 +68,12 @@ def _from_rows(rows, shape):
 def whitening_matrix(images, mask, kernel_size: int, eps: float = WHITEN_EPS, stride: int = 1):
     """``[D, D]`` symmetric ZCA whitening ``(C + eps * mean(eig C) I)^(-1/2)`` of the batch's patches
     (every ``stride``-th patch position per axis)."""
-    values, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size, stride))
-    values = jnp.maximum(values, 0.0)
-    floor = eps * jnp.mean(values) + 1e-12
-    return (vectors * jax.lax.rsqrt(values + floor)) @ vectors.T
+    return regularised_inverse_sqrt(patch_covariance(images, mask, kernel_size, stride), eps)
 
 
 def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int = 1,
-                        residual_scale: float = RESIDUAL_SCALE):
+                        residual_scale: float = RESIDUAL_SCALE, labels=None,
+                        num_classes: int | None = None):
     """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's.
 
     ``patch_stride`` estimates the input's patch covariance from every ``patch_stride``-th
@@ -78,15 +82,24 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     32x32 map's ~1,000 positions are far more samples than a ``D x D`` covariance needs (the
     shipped inter predictor reads every 4th: RESULTS.md section 1, session 21).
     ``residual_scale`` weighs the head's kernel in ``pca_residual`` (``RESIDUAL_SCALE`` unless
-    ``hyper.data_layers_residual_scale`` says otherwise).
+    ``hyper.data_layers_residual_scale`` says otherwise) in the ``*_residual`` modes.
+    ``labels`` (``[N]`` ints in ``[0, num_classes)``) are needed by ``LABELLED_MODES`` only.
     """
     k1, k2, c_in, c_out = predicted_kernel.shape
     if k1 != k2:
         raise ValueError(f"hyper.data_layers needs square conv kernels; got {k1}x{k2}.")
+    m = min(c_out // 2, k1 * k2 * c_in)
     if mode == "pca_residual":
-        m = min(c_out // 2, k1 * k2 * c_in)
         pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m, patch_stride)
         return pca + residual_scale * predicted_kernel
+    if mode == "discriminant_residual":
+        if labels is None or num_classes is None:
+            raise ValueError("hyper.data_layers='discriminant_residual' needs the batch's labels "
+                             "and class count.")
+        directions = discriminant_patch_directions(x, labels, mask, num_classes, k1, m, patch_stride)
+        filters = jnp.concatenate([directions, -directions], axis=1)  # [D, 2m], rows (C, kh, kw)
+        filters = jnp.pad(filters, ((0, 0), (0, c_out - 2 * m))).astype(predicted_kernel.dtype)
+        return _from_rows(filters, predicted_kernel.shape) + residual_scale * predicted_kernel
     if mode == "whitened":
         whiten = whitening_matrix(x, mask, k1, stride=patch_stride).astype(predicted_kernel.dtype)
         return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
@@ -112,14 +125,19 @@ def check_patch_stride(patch_stride) -> None:
         raise ValueError(f"hyper.data_layers_patch_stride must be an integer >= 1; got {patch_stride!r}.")
 
 
-def kernel_builder(mode: str, patch_stride: int = 1,
-                   residual_scale: float = RESIDUAL_SCALE) -> KernelBuilder:
-    """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode."""
+def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RESIDUAL_SCALE,
+                   labels=None, num_classes: int | None = None) -> KernelBuilder:
+    """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode
+    (``labels`` and ``num_classes``: the batch's, for ``LABELLED_MODES``)."""
     if mode not in MODES or mode == "none":
         raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
     check_patch_stride(patch_stride)
+    if mode in LABELLED_MODES and (labels is None or num_classes is None):
+        raise ValueError(f"hyper.data_layers={mode!r} builds kernels from the batch's labels; "
+                         "pass labels and num_classes.")
     return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
-                             residual_scale=float(residual_scale))
+                             residual_scale=float(residual_scale), labels=labels,
+                             num_classes=num_classes)
 
 
 def forward_with_data_layers(build_kernel: KernelBuilder, target: nn.Module, variables, images, mask):

@@ -83,12 +83,13 @@ class PudNet(nn.Module):
         (``pudnet_jax.hypernet.stem``); 0 keeps the head's filters. No parameters either way.
       data_layers: ``'none'``, or how every conv kernel is built on its own input's patch
         statistics during the BatchNorm pass (``pudnet_jax.hypernet.data_layers``):
-        ``'pca_residual'`` (principal directions plus the head's kernel as a correction) or
-        ``'whitened'`` (the head's kernel applied to whitened patches). No parameters.
+        ``'pca_residual'`` (principal directions plus the head's kernel as a correction),
+        ``'discriminant_residual'`` (the same with the directions that separate the batch's
+        classes) or ``'whitened'`` (the head's kernel applied to whitened patches). No parameters.
       data_layers_patch_stride: the data layers' patch statistics read every s-th patch
         position per axis (1: all of them).
-      data_layers_residual_scale: weight of the head's kernel on top of the principal
-        directions under ``pca_residual``.
+      data_layers_residual_scale: weight of the head's kernel on top of the data-derived
+        directions under the ``*_residual`` modes.
     """
 
     target_name: str
@@ -147,7 +148,7 @@ class PudNet(nn.Module):
             batch_stats = updates["batch_stats"]
         else:
             build_kernel = kernel_builder(self.data_layers, self.data_layers_patch_stride,
-                                          self.data_layers_residual_scale)
+                                          self.data_layers_residual_scale, labels, self.num_classes)
             params, target_features, batch_stats = forward_with_data_layers(
                 build_kernel, stats_target, {"params": params, "batch_stats": init_stats},
                 images, mask)

@@ -76,18 +76,33 @@ def patch_covariance(images, mask, kernel_size: int, stride: int = 1):
     return outer / count - jnp.outer(mean, mean)
 
 
+def regularised_inverse_sqrt(cov, eps: float):
+    """``(C + eps * mean(eig C) I)^(-1/2)`` of a symmetric PSD ``[D, D]`` matrix: a whitening
+    whose gain on directions with less variance than ``eps`` x the mean eigenvalue is capped
+    (their variance is mostly noise)."""
+    values, vectors = jnp.linalg.eigh(cov)
+    values = jnp.maximum(values, 0.0)
+    floor = eps * jnp.mean(values) + 1e-12
+    return (vectors * jax.lax.rsqrt(values + floor)) @ vectors.T
+
+
+def positive_pivots(directions):
+    """``directions`` ``[D, m]`` with each column's sign fixed so that its largest-magnitude entry
+    is positive: eigendecompositions return either sign, and the layers after a data-derived
+    conv must see the same filter in the same channel for the same data."""
+    pivot = jnp.take_along_axis(directions, jnp.argmax(jnp.abs(directions), axis=0)[None], axis=0)
+    return directions * jnp.where(pivot < 0, -1.0, 1.0)
+
+
 def principal_patch_directions(images, mask, kernel_size: int, num_components: int,
                                stride: int = 1):
     """``[D, m]``: the top ``m`` principal directions of the batch's patches, unit norm.
 
-    Each direction's sign is fixed so that its largest-magnitude entry is positive:
-    eigendecompositions return either sign, and the predicted layers after the stem must see
-    the same filter in the same channel for the same data.
+    Each direction's sign is fixed so that its largest-magnitude entry is positive
+    (``positive_pivots``).
     """
     _, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size, stride))  # ascending eigenvalues
-    top = vectors[:, ::-1][:, :num_components]
-    pivot = jnp.take_along_axis(top, jnp.argmax(jnp.abs(top), axis=0)[None], axis=0)
-    return top * jnp.where(pivot < 0, -1.0, 1.0)
+    return positive_pivots(vectors[:, ::-1][:, :num_components])
 
 
 def pca_stem_kernel(images, mask, predicted_kernel, num_components: int, patch_stride: int = 1):
