@@ -20,7 +20,7 @@ draws of the predict sample (evaluation task seeds ``data.eval_task_seed + i``).
       --output=results/construction_probe/inter_resnet8
 
 ``--checkpoint`` supplies only the config (data protocol, predict sample, ridge strength, patch
-stride). Writes ``probe.json`` and ``probe.md`` (seed, machine, command and wall time included).
+stride); ``--predict_shots`` overrides its predict sample (images per class). Writes ``probe.json`` and ``probe.md`` (seed, machine, command and wall time included).
 """
 
 from __future__ import annotations
@@ -64,10 +64,14 @@ def unseen_samples(config, num_samples: int) -> list:
 
 
 def run_probe(checkpoint: str, num_val_tasks: int, source_dataset: str, num_source_tasks: int,
-              num_unseen_samples: int, constructions=CONSTRUCTIONS, command: str = "") -> dict:
-    """Scores each construction on meta-val, source and (reported only) held-out tasks."""
+              num_unseen_samples: int, constructions=CONSTRUCTIONS, command: str = "",
+              predict_shots: int | None = None) -> dict:
+    """Scores each construction on meta-val, source and (reported only) held-out tasks;
+    ``predict_shots`` overrides the checkpoint's predict sample (images per class)."""
     start = time.perf_counter()
     config = checkpoints.read_config(checkpoint)
+    if predict_shots is not None:
+        config.data.predict_shots = int(predict_shots)
     if config.data.setting != "inter":
         raise ValueError(f"The construction probe chooses on an inter predictor's sources; {checkpoint} "
                          f"is {config.data.setting!r}.")
@@ -120,10 +124,12 @@ def main():
     parser.add_argument("--source_dataset", default="fashion_mnist")
     parser.add_argument("--num_source_tasks", type=int, default=3)
     parser.add_argument("--unseen_samples", type=int, default=5)
+    parser.add_argument("--predict_shots", type=int, default=None,
+                        help="images per class given to predict (default: the checkpoint's)")
     args = parser.parse_args()
     command = "python launch/construction_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_probe(args.checkpoint, args.num_val_tasks, args.source_dataset, args.num_source_tasks,
-                       args.unseen_samples, command=command)
+                       args.unseen_samples, command=command, predict_shots=args.predict_shots)
     write_report(args.output, "probe", result, markdown(result))
 
 

@@ -81,8 +81,8 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     ``[N P, D]`` product per conv, ``P`` patch positions per image), and N images times a
     32x32 map's ~1,000 positions are far more samples than a ``D x D`` covariance needs (the
     shipped inter predictor reads every 4th: RESULTS.md section 1, session 21).
-    ``residual_scale`` weighs the head's kernel in ``pca_residual`` (``RESIDUAL_SCALE`` unless
-    ``hyper.data_layers_residual_scale`` says otherwise) in the ``*_residual`` modes.
+    ``residual_scale`` weighs the head's kernel in the ``*_residual`` modes (``RESIDUAL_SCALE``
+    unless ``hyper.data_layers_residual_scale`` says otherwise).
     ``labels`` (``[N]`` ints in ``[0, num_classes)``) are needed by ``LABELLED_MODES`` only.
     """
     k1, k2, c_in, c_out = predicted_kernel.shape
