@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pudnet_jax import baselines, checkpoints, data, train
+from pudnet_jax import baselines, checkpoints, train
 from pudnet_jax.evaluate import accuracy, format_mean_ci, init_target, mean_and_ci95, random_init_seed
 from pudnet_jax.metrics import machine_line, write_report
 from pudnet_jax.pca_backbone import CONSTRUCTIONS, pca_backbone
@@ -57,10 +57,12 @@ def score(config, tasks, constructions) -> dict:
 
 def unseen_samples(config, num_samples: int) -> list:
     """The held-out dataset's evaluation task under ``num_samples`` draws of the predict sample."""
-    d = config.data
-    return [task for i in range(num_samples)
-            for task in data.make_eval_tasks("inter", d.held_out, predict_shots=d.predict_shots,
-                                             seed=d.eval_task_seed + i, **train.prepare_kwargs(config))]
+    tasks = []
+    for i in range(num_samples):
+        drawn = config.copy_and_resolve_references()
+        drawn.data.eval_task_seed = config.data.eval_task_seed + i
+        tasks += train.make_test_tasks(drawn)
+    return tasks
 
 
 def run_probe(checkpoint: str, num_val_tasks: int, source_dataset: str, num_source_tasks: int,

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 
 from pudnet_jax.hypernet.discriminant import discriminant_patch_directions
 from pudnet_jax.hypernet.head import get_path, replaced_path
-from pudnet_jax.hypernet.stem import patch_covariance, pca_stem_kernel, regularised_inverse_sqrt
+from pudnet_jax.hypernet.stem import (patch_covariance, pca_stem_kernel, regularised_inverse_sqrt,
+                                      signed_direction_kernel)
 
 MODES = ("none", "pca_residual", "discriminant_residual", "whitened")
 # Modes whose kernels depend on the batch's labels as well as its images.
@@ -93,13 +94,10 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
         pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m, patch_stride)
         return pca + residual_scale * predicted_kernel
     if mode == "discriminant_residual":
-        if labels is None or num_classes is None:
-            raise ValueError("hyper.data_layers='discriminant_residual' needs the batch's labels "
-                             "and class count.")
+        _require_labels(mode, labels, num_classes)
         directions = discriminant_patch_directions(x, labels, mask, num_classes, k1, m, patch_stride)
-        filters = jnp.concatenate([directions, -directions], axis=1)  # [D, 2m], rows (C, kh, kw)
-        filters = jnp.pad(filters, ((0, 0), (0, c_out - 2 * m))).astype(predicted_kernel.dtype)
-        return _from_rows(filters, predicted_kernel.shape) + residual_scale * predicted_kernel
+        return (signed_direction_kernel(directions, jnp.zeros_like(predicted_kernel))
+                + residual_scale * predicted_kernel)
     if mode == "whitened":
         whiten = whitening_matrix(x, mask, k1, stride=patch_stride).astype(predicted_kernel.dtype)
         return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
@@ -119,6 +117,12 @@ def _same_conv(module: nn.Conv, x, kernel):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _require_labels(mode: str, labels, num_classes) -> None:
+    if labels is None or num_classes is None:
+        raise ValueError(f"hyper.data_layers={mode!r} builds kernels from the batch's labels; "
+                         "pass labels and num_classes.")
+
+
 def check_patch_stride(patch_stride) -> None:
     """Raises ``ValueError`` unless ``patch_stride`` is an integer >= 1."""
     if not (isinstance(patch_stride, int) and patch_stride >= 1):
@@ -132,9 +136,8 @@ def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RES
     if mode not in MODES or mode == "none":
         raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
     check_patch_stride(patch_stride)
-    if mode in LABELLED_MODES and (labels is None or num_classes is None):
-        raise ValueError(f"hyper.data_layers={mode!r} builds kernels from the batch's labels; "
-                         "pass labels and num_classes.")
+    if mode in LABELLED_MODES:  # refused here already, before any kernel is traced
+        _require_labels(mode, labels, num_classes)
     return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
                              residual_scale=float(residual_scale), labels=labels,
                              num_classes=num_classes)

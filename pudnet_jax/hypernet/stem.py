@@ -125,7 +125,14 @@ def pca_stem_kernel(images, mask, predicted_kernel, num_components: int, patch_s
             f"hyper.stem_pca_components={num_components} needs 1 <= m <= {dim} (the patch size "
             f"{kh}x{kw}x{c_in}) and 2 m <= {c_out} (the first layer's output channels).")
     directions = principal_patch_directions(images, mask, kh, num_components, patch_stride)
-    filters = jnp.concatenate([directions, -directions], axis=1)  # [D, 2m], rows ordered (C, kh, kw)
-    filters = filters.reshape(c_in, kh, kw, 2 * num_components).transpose(1, 2, 0, 3)
-    return jnp.concatenate([filters.astype(predicted_kernel.dtype),
-                            predicted_kernel[..., 2 * num_components:]], axis=-1)
+    return signed_direction_kernel(directions, predicted_kernel)
+
+
+def signed_direction_kernel(directions, kernel):
+    """HWIO ``kernel`` with its first ``2 m`` filters replaced by ``directions`` (``[D, m]``, rows
+    ordered (C, kh, kw) like the patches) and their negatives; the rest keep ``kernel``'s values.
+    Each direction as a ``+v, -v`` pair, so the ReLU after BatchNorm keeps both signs."""
+    kh, kw, c_in, _ = kernel.shape
+    filters = jnp.concatenate([directions, -directions], axis=1)  # [D, 2m]
+    filters = filters.reshape(c_in, kh, kw, filters.shape[1]).transpose(1, 2, 0, 3)
+    return jnp.concatenate([filters.astype(kernel.dtype), kernel[..., filters.shape[-1]:]], axis=-1)
