@@ -1,7 +1,7 @@
 """Recomputes session 23's derived figures from the committed result files (RESULTS.md section 1,
 session 23): the discriminant data layers against session 22's pca_residual controls (same
-stage-1 recipe, seeds 0-2) on CIFAR-10, and each closed-form network's starting point. Run from
-the repo root:
+stage-1 recipe, seeds 0-2) on CIFAR-10, each closed-form network's starting point, and the two
+stage-5 predictors paired over the same predict samples. Run from the repo root:
 
   python results/data_layers_s23/summary.py
 """
@@ -44,3 +44,10 @@ print("Closed-form networks on the protocol's draw (their meta-training starting
       {k: round(v, 2) for k, v in start.items()})
 print("  meta-trained minus its closed-form start, seeds 0-2: discriminant",
       np.round(disc - start["discriminant"], 2), "; pca", np.round(pca - start["pca"], 2))
+
+spread = {arm: [100 * r["predicted"] for r in json.load(open(
+    f"results/predict_sample_spread/inter_s23_stage5_{arm}/spread.json"))["rows"]] for arm in ("disc", "pca")}
+paired = np.subtract(spread["disc"], spread["pca"])
+print("Stage 5 over the same 5 CIFAR-10 predict samples: discriminant", np.round(spread["disc"], 2),
+      "pca", np.round(spread["pca"], 2))
+print(f"  discriminant minus pca, paired by draw: mean {paired.mean():+.2f}, range {paired.min():+.2f} to {paired.max():+.2f}")
