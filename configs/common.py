@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     # *_residual: kernel = data-derived directions + this x the head's kernel (the head's filters
     # have norm ~sqrt(2) x its gain, the PCA filters 1: 0.25 starts the correction at ~1/3).
     c.hyper.data_layers_residual_scale = RESIDUAL_SCALE
+    # *_residual: the head's filters enter at unit norm, so the scale above is the correction's
+    # size relative to the data-derived filters. Off, the head's gain is free and meta-training
+    # grows it until the data-derived directions are ~1% of the kernel (RESULTS.md, session 24).
+    c.hyper.data_layers_normalized_residual = False
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

@@ -52,6 +52,53 @@ from pudnet_jax.metrics import machine_line, write_report
 from pudnet_jax.train import machine_description
 
 
+# hyper fields predict reads at inference without changing the parameter tree: the data-derived
+# layers, their patch stride and residual weight, mirroring, the classifier read-out and its ridge
+# strength. (encoder_downsample also qualifies; it has its own flag.)
+VARIANT_FIELDS = ("data_layers", "data_layers_patch_stride", "data_layers_residual_scale",
+                  "data_layers_normalized_residual",
+                  "mirror_support", "classifier", "ridge_lambda", "encoder_downsample")
+
+
+def parse_variants(text: str | None) -> list[dict] | None:
+    """``"none;a=1,b=x"`` -> ``[{}, {"a": "1", "b": "x"}]`` (values cast later, by field type)."""
+    if not text:
+        return None
+    variants = []
+    for part in text.split(";"):
+        part = part.strip()
+        if part in ("", "none"):
+            variants.append({})
+            continue
+        overrides = {}
+        for item in part.split(","):
+            key, sep, value = item.partition("=")
+            key = key.strip().removeprefix("hyper.")
+            if not sep or not value.strip():
+                raise ValueError(f"--variants: {item!r} is not key=value")
+            if key not in VARIANT_FIELDS:
+                raise ValueError(f"--variants: hyper.{key} cannot vary between rows of a paired "
+                                 f"comparison; allowed: {', '.join(VARIANT_FIELDS)}")
+            overrides[key] = value.strip()
+        variants.append(overrides)
+    return variants
+
+
+def apply_overrides(config, overrides: dict):
+    """A copy of ``config`` with ``hyper`` fields set from strings, cast to each field's type."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for key, value in overrides.items():
+            current = config.hyper[key]
+            if isinstance(current, bool):
+                if value.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError(f"--variants: hyper.{key}={value!r} is not a boolean")
+                config.hyper[key] = value.lower() in ("1", "true")
+            else:
+                config.hyper[key] = type(current)(value)
+    return config
+
+
 def _variant(config, predict_shots: int | None, encoder_downsample: int | None,
              mirror_support: bool | None = None, patch_stride: int | None = None):
     config = copy.deepcopy(config)
@@ -81,17 +128,19 @@ def source_dataset_tasks(config, dataset: str, num_tasks: int):
 
 def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = None,
             encoder_downsample: list[int] | None = None, mirror_support: list[bool] | None = None,
-            source_dataset: str | None = None, patch_strides: list[int] | None = None) -> dict:
+            source_dataset: str | None = None, patch_strides: list[int] | None = None,
+            variants: list[dict] | None = None) -> dict:
     """Per-task meta-val accuracy of each predictor in ``paths`` (at each encoder factor in
-    ``encoder_downsample``, each ``mirror_support`` setting and each data-layer patch stride in
-    ``patch_strides``, if given) on the first one's meta-val tasks (or on tasks of an inter
-    predictor's source dataset, ``source_dataset``)."""
+    ``encoder_downsample``, each ``mirror_support`` setting, each data-layer patch stride in
+    ``patch_strides`` and each set of ``hyper`` overrides in ``variants``, if given) on the first
+    one's meta-val tasks (or on tasks of an inter predictor's source dataset, ``source_dataset``)."""
     factors = list(encoder_downsample or [None])
     mirrors = list(mirror_support or [None])
     strides = list(patch_strides or [None])
-    if len(paths) * len(factors) * len(mirrors) * len(strides) < 2:
+    overrides = list(variants or [{}])
+    if len(paths) * len(factors) * len(mirrors) * len(strides) * len(overrides) < 2:
         raise ValueError(f"need at least two predictors (or variants) to compare, got "
-                         f"{paths} x {factors} x {mirrors} x {strides}")
+                         f"{paths} x {factors} x {mirrors} x {strides} x {overrides}")
     start = time.perf_counter()
     configs = [_variant(checkpoints.read_config(path), predict_shots, None) for path in paths]
     reference = configs[0]
@@ -106,20 +155,21 @@ def compare(paths: list[str], num_val_tasks: int, predict_shots: int | None = No
     rows = []
     for path, config in zip(paths, configs):
         params, info = checkpoints.restore_hyper_params(path, config)
-        for factor, mirror, stride in itertools.product(factors, mirrors, strides):
+        for factor, mirror, stride, override in itertools.product(factors, mirrors, strides, overrides):
             if stride is not None and config.hyper.data_layers == "none":
                 raise ValueError(f"--data_layers_patch_stride: {path} has no hyper.data_layers "
                                  "(the stride would change nothing).")
-            variant = _variant(config, None, factor, mirror, stride)
+            variant = _variant(apply_overrides(config, override), None, factor, mirror, stride)
             result = TaskEvaluator(variant).evaluate(params, tasks)
             name = path + "".join(f" @ {key}={value}" for key, value in
                                   (("encoder_downsample", factor), ("mirror_support", mirror),
-                                   ("data_layers_patch_stride", stride))
+                                   ("data_layers_patch_stride", stride), *override.items())
                                   if value is not None)
             rows.append({"checkpoint": name, "info_step": info.get("step"),
                          "encoder_downsample": int(variant.hyper.encoder_downsample),
                          "mirror_support": bool(variant.hyper.mirror_support),
                          "data_layers_patch_stride": int(variant.hyper.data_layers_patch_stride),
+                         "overrides": dict(override),
                          "per_task": result["per_task_predicted"], "predicted": result["predicted"],
                          "predict_seconds_median": result["predict_seconds_median"]})
     base = np.array(rows[0]["per_task"])
@@ -163,6 +213,8 @@ def main() -> None:
                         help="comma-separated 0/1: score each predictor without / with hyper.mirror_support")
     parser.add_argument("--data_layers_patch_stride", default=None,
                         help="comma-separated hyper.data_layers_patch_stride values to score each predictor at")
+    parser.add_argument("--variants", default=None,
+                        help="';'-separated sets of hyper key=value overrides ('none': as saved)")
     parser.add_argument("--source_dataset", default=None,
                         help="inter only: score on whole-dataset tasks of this source dataset instead")
     args = parser.parse_args()
@@ -173,7 +225,7 @@ def main() -> None:
     strides = ([int(s) for s in args.data_layers_patch_stride.split(",")]
                if args.data_layers_patch_stride else None)
     result = compare(args.checkpoints.split(","), args.num_val_tasks, args.predict_shots, factors,
-                     mirrors, args.source_dataset, strides)
+                     mirrors, args.source_dataset, strides, parse_variants(args.variants))
     write_report(args.output, "compare", result, markdown(result))
 
 

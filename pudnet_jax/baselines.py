@@ -354,11 +354,12 @@ def with_pca_stem(target_name: str, variables, batch, num_components: int):
 
 @functools.lru_cache(maxsize=16)
 def _data_layers_fn(target_name: str, num_classes: int, mode: str, patch_stride: int,
-                    residual_scale: float):
+                    residual_scale: float, normalized_residual: bool):
     stats_target = get_target(target_name, num_classes, bn_momentum=0.0)
 
     def build(variables, images, labels, mask):
-        build_kernel = kernel_builder(mode, patch_stride, residual_scale, labels, num_classes)
+        build_kernel = kernel_builder(mode, patch_stride, residual_scale, labels, num_classes,
+                                      normalized_residual)
         params, _, _ = forward_with_data_layers(build_kernel, stats_target, variables, images, mask)
         return {**variables, "params": params}
 
@@ -366,12 +367,13 @@ def _data_layers_fn(target_name: str, num_classes: int, mode: str, patch_stride:
 
 
 def with_data_layers(target_name: str, variables, batch, mode: str, patch_stride: int = 1,
-                     residual_scale: float = RESIDUAL_SCALE):
+                     residual_scale: float = RESIDUAL_SCALE, normalized_residual: bool = False):
     """``variables`` with every conv kernel taken as the head's ``H`` and rebuilt on ``batch`` as
     predict builds it under ``hyper.data_layers=mode`` (``hypernet.data_layers``); the input is
     not modified (its BatchNorm parameters are kept; a read-out recomputes the statistics)."""
     num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
-    return _data_layers_fn(target_name, num_classes, mode, int(patch_stride), float(residual_scale))(
+    return _data_layers_fn(target_name, num_classes, mode, int(patch_stride), float(residual_scale),
+                           bool(normalized_residual))(
         variables, jnp.asarray(batch["image"], jnp.float32), jnp.asarray(batch["label"], jnp.int32),
         jnp.asarray(batch["mask"], bool))
 
@@ -393,6 +395,7 @@ def random_backbone_accuracy(config, task, seed: int) -> float | None:
     if config.hyper.data_layers != "none":
         backbone = with_data_layers(target_name, backbone, batch, config.hyper.data_layers,
                                     config.hyper.data_layers_patch_stride,
-                                    config.hyper.data_layers_residual_scale)
+                                    config.hyper.data_layers_residual_scale,
+                                    config.hyper.data_layers_normalized_residual)
     variables = solved_readout(target_name, backbone, batch, classifier, config.hyper.ridge_lambda)
     return accuracy(target_name, variables, task.test_images, task.test_labels)

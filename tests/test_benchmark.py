@@ -335,7 +335,8 @@ def test_task_evaluator_never_times_compilation(hyper, tmp_path):
 def test_compare_predictors_is_paired_on_meta_val_tasks(hyper, tmp_path):
     """launch/compare_predictors.py scores each export on the same meta-val tasks (never the
     unseen ones); differences are paired against the first; another dataset is refused."""
-    from launch.compare_predictors import compare, markdown
+    from launch.compare_predictors import apply_overrides, compare, markdown, parse_variants
+    from pudnet_jax.evaluate import TaskEvaluator
 
     c, hyper_params = hyper
     c = c.copy_and_resolve_references()
@@ -360,6 +361,24 @@ def test_compare_predictors_is_paired_on_meta_val_tasks(hyper, tmp_path):
     assert "predict s (median)" in markdown(factors)
     with pytest.raises(ValueError, match="at least two"):
         compare([first], num_val_tasks=2)
+    # --variants: inference-time hyper overrides, each a row on the same tasks; "none" is the export.
+    variants = parse_variants("none;classifier=ridge,ridge_lambda=0.5")
+    assert variants == [{}, {"classifier": "ridge", "ridge_lambda": "0.5"}]
+    assert apply_overrides(c, variants[1]).hyper.ridge_lambda == 0.5
+    rows = compare([first], num_val_tasks=2, variants=variants)["rows"]
+    assert rows[0]["per_task"] == a["per_task"] and rows[0]["overrides"] == {}
+    assert rows[1]["checkpoint"].endswith("@ classifier=ridge @ ridge_lambda=0.5")
+    # The row is what the evaluator gives with the override set in the config directly.
+    direct = c.copy_and_resolve_references()
+    direct.hyper.classifier, direct.hyper.ridge_lambda = "ridge", 0.5
+    tasks = baselines.lr_tuning_tasks(direct, 2)
+    assert rows[1]["per_task"] == TaskEvaluator(direct).evaluate(hyper_params, tasks)["per_task_predicted"]
+    with pytest.raises(ValueError, match="cannot vary"):
+        parse_variants("none;num_layers=3")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_variants("none;classifier")
+    with pytest.raises(ValueError, match="not a boolean"):
+        apply_overrides(c, {"mirror_support": "maybe"})
     with pytest.raises(ValueError, match="no hyper.data_layers"):
         compare([first], num_val_tasks=2, patch_strides=[1, 2])
     gtsrb = c.copy_and_resolve_references()

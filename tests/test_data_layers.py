@@ -82,10 +82,11 @@ def test_pca_residual_with_a_zero_head_is_the_pca_network():
     chex.assert_trees_all_close(stats, updates["batch_stats"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode, patch_stride, residual_scale",
-                         [("pca_residual", 1, 0.25), ("whitened", 1, 0.25), ("pca_residual", 2, 1.0),
-                          ("discriminant_residual", 2, 0.25)])
-def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scale,
+@pytest.mark.parametrize("mode, patch_stride, residual_scale, normalized",
+                         [("pca_residual", 1, 0.25, False), ("whitened", 1, 0.25, False),
+                          ("pca_residual", 2, 1.0, False), ("discriminant_residual", 2, 0.25, False),
+                          ("pca_residual", 1, 0.5, True)])
+def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scale, normalized,
                                   predict_against_plain, check_padding_and_relabelling):
     """Same tree and hypernetwork parameters as without; the first conv is the data-derived
     kernel of the head's (from every patch_stride-th patch position) and the deepest conv is
@@ -95,10 +96,12 @@ def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scal
     config.hyper.data_layers = mode
     config.hyper.data_layers_patch_stride = patch_stride
     config.hyper.data_layers_residual_scale = residual_scale
+    config.hyper.data_layers_normalized_residual = normalized
     params, batch, got, head_only, predict = predict_against_plain(config)
     images = batch["image"]
     head_kernel = head_only["params"]["conv_init"]["kernel"]
-    labelled = {"labels": jnp.asarray(batch["label"]), "num_classes": config.model.num_classes}
+    labelled = {"labels": jnp.asarray(batch["label"]), "num_classes": config.model.num_classes,
+                "normalized_residual": normalized}
     want = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
                                            head_kernel, patch_stride=patch_stride,
                                            residual_scale=residual_scale, **labelled)
@@ -111,7 +114,8 @@ def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scal
         pca = data_layers.data_derived_kernel(mode, jnp.asarray(images), jnp.ones(20, bool),
                                               head_kernel, patch_stride=patch_stride, residual_scale=0.0,
                                               **labelled)
-        np.testing.assert_allclose(want - pca, residual_scale * head_kernel, atol=1e-5)
+        head = data_layers.unit_filters(head_kernel) if normalized else head_kernel
+        np.testing.assert_allclose(want - pca, residual_scale * head, atol=1e-5)
     assert not np.allclose(got["params"]["ResNetBlock_2"]["Conv_1"]["kernel"],
                            head_only["params"]["ResNetBlock_2"]["Conv_1"]["kernel"], atol=1e-3)
 
@@ -124,7 +128,10 @@ def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scal
     # (test_discriminant_directions_ignore_padding_and_class_names): with 20 images of 5
     # classes the deepest convs' between-class spectra are near-degenerate whatever the images,
     # and float32 reduction order differences then turn whole directions.
-    if mode in data_layers.LABELLED_MODES:
+    # normalized_residual only rescales the head's filters (never reads the batch), so it keeps
+    # whatever its mode has; with the head's share bounded, the data-derived directions dominate
+    # and the deepest convs' near-degenerate spectra on 20 images show, as for the labelled mode.
+    if mode in data_layers.LABELLED_MODES or normalized:
         return
     structured = {**batch, "image": _images(20, seed=6, size=32)}
     check_padding_and_relabelling(predict, params, structured, predict(params, structured), 1e-2)
@@ -312,3 +319,32 @@ def test_discriminant_network_is_the_discriminant_mode_with_a_zero_head():
         data_layers.kernel_builder("discriminant_residual")
     with pytest.raises(ValueError, match="construction"):
         pca_backbone("resnet8", variables, images, mask, labels, construction="lda")
+
+
+@pytest.mark.parametrize("mode", ["pca_residual", "discriminant_residual"])
+def test_normalized_residual_bounds_the_head_and_ignores_its_gain(mode):
+    """With normalized_residual the head's filters enter at unit norm: scaling any head filter
+    by a positive factor changes no kernel, and each filter's correction has norm exactly the
+    residual scale (a free head's is its own norm times the scale: it can drown the directions)."""
+    images = jnp.asarray(_images(24, seed=3, size=8))
+    labels = jnp.asarray(np.arange(24) % 3)
+    mask = jnp.ones(24, bool)
+    rng = np.random.default_rng(0)
+    head = jnp.asarray(rng.normal(size=(3, 3, 3, 8)).astype(np.float32))
+    gains = jnp.asarray(np.array([1e-3, 0.5, 2.0, 40.0, 300.0, 1.0, 7.0, 0.1], np.float32))
+
+    def kernel(h, scale, normalized):
+        return data_layers.data_derived_kernel(mode, images, mask, h, residual_scale=scale, labels=labels,
+                                               num_classes=3, normalized_residual=normalized)
+
+    base = kernel(head, 0.0, True)
+    np.testing.assert_allclose(kernel(head, 0.3, True), kernel(head * gains, 0.3, True), atol=1e-5)
+    correction = np.asarray(kernel(head * gains, 0.3, True) - base).reshape(-1, 8)
+    np.testing.assert_allclose(np.linalg.norm(correction, axis=0), 0.3, rtol=1e-4)
+    free = np.asarray(kernel(head * gains, 0.3, False) - base).reshape(-1, 8)
+    np.testing.assert_allclose(np.linalg.norm(free, axis=0),
+                               0.3 * np.linalg.norm(np.asarray(head * gains).reshape(-1, 8), axis=0), rtol=1e-4)
+    # A dead head filter stays (near) zero instead of dividing by zero.
+    dead = head.at[..., 0].set(0.0)
+    assert np.all(np.isfinite(np.asarray(kernel(dead, 0.3, True))))
+    np.testing.assert_allclose(np.asarray(kernel(dead, 0.3, True) - base)[..., 0], 0.0, atol=1e-6)

@@ -33,4 +33,5 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         data_layers=str(hyper.data_layers),
         data_layers_patch_stride=int(hyper.data_layers_patch_stride),
         data_layers_residual_scale=float(hyper.data_layers_residual_scale),
+        data_layers_normalized_residual=bool(hyper.data_layers_normalized_residual),
     )

@@ -11,6 +11,11 @@ combines the two inside predict, for every conv, walking the target in forward o
   top ``m`` principal directions of the conv's input patches and their negatives (as
   ``pca_backbone``), the rest zero; ``H`` is the head's kernel. With ``H = 0`` and BatchNorm at
   (1, 0) this is exactly the PCA network, so meta-training starts from it and learns corrections.
+  With ``normalized_residual``, ``H``'s filters are scaled to unit norm first, so the scale is
+  the correction's size relative to the data-derived filter: BatchNorm after every conv makes
+  a filter's norm irrelevant (only its direction counts), and a free ``H`` grows during
+  meta-training until it drowns ``P`` (session 24: the shipped inter head's filters reached
+  norms 250-900, ``0.25 H`` is 55-220 times ``P``; RESULTS.md section 1).
 - ``'discriminant_residual'``: as ``'pca_residual'`` with ``P``'s directions the conv input's
   *discriminant* patch directions (``hypernet.discriminant``: what separates the batch's classes,
   relative to all the patch variation) in place of its principal ones. Needs the batch's labels.
@@ -50,6 +55,9 @@ KernelBuilder = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # The head's kernels have filter norm ~sqrt(2) x its learned gain (He scale); the PCA filters
 # have norm 1. This factor makes the correction start at about a third of the PCA filter.
 RESIDUAL_SCALE = 0.25
+# normalized_residual: a head filter of norm below this is scaled as if it had this norm (no
+# division blow-up for a dead filter; the head's filters have norms ~1 and up).
+MIN_HEAD_FILTER_NORM = 1e-6
 # Whitening regulariser, relative to the mean eigenvalue: directions with less variance than
 # this are not amplified beyond it (the noise floor of the smallest components).
 WHITEN_EPS = 0.1
@@ -72,9 +80,15 @@ def whitening_matrix(images, mask, kernel_size: int, eps: float = WHITEN_EPS, st
     return regularised_inverse_sqrt(patch_covariance(images, mask, kernel_size, stride), eps)
 
 
+def unit_filters(kernel):
+    """HWIO ``kernel`` with every output filter scaled to unit norm (see MIN_HEAD_FILTER_NORM)."""
+    norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=(0, 1, 2), keepdims=True))
+    return kernel / jnp.maximum(norms, MIN_HEAD_FILTER_NORM)
+
+
 def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int = 1,
                         residual_scale: float = RESIDUAL_SCALE, labels=None,
-                        num_classes: int | None = None):
+                        num_classes: int | None = None, normalized_residual: bool = False):
     """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's.
 
     ``patch_stride`` estimates the input's patch covariance from every ``patch_stride``-th
@@ -85,19 +99,22 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     ``residual_scale`` weighs the head's kernel in the ``*_residual`` modes (``RESIDUAL_SCALE``
     unless ``hyper.data_layers_residual_scale`` says otherwise).
     ``labels`` (``[N]`` ints in ``[0, num_classes)``) are needed by ``LABELLED_MODES`` only.
+    ``normalized_residual``: the head's filters enter at unit norm (``unit_filters``), so
+    ``residual_scale`` bounds the correction relative to the data-derived unit filters.
     """
     k1, k2, c_in, c_out = predicted_kernel.shape
+    head = unit_filters(predicted_kernel) if normalized_residual else predicted_kernel
     if k1 != k2:
         raise ValueError(f"hyper.data_layers needs square conv kernels; got {k1}x{k2}.")
     m = min(c_out // 2, k1 * k2 * c_in)
     if mode == "pca_residual":
         pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m, patch_stride)
-        return pca + residual_scale * predicted_kernel
+        return pca + residual_scale * head
     if mode == "discriminant_residual":
         _require_labels(mode, labels, num_classes)
         directions = discriminant_patch_directions(x, labels, mask, num_classes, k1, m, patch_stride)
         return (signed_direction_kernel(directions, jnp.zeros_like(predicted_kernel))
-                + residual_scale * predicted_kernel)
+                + residual_scale * head)
     if mode == "whitened":
         whiten = whitening_matrix(x, mask, k1, stride=patch_stride).astype(predicted_kernel.dtype)
         return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
@@ -130,9 +147,11 @@ def check_patch_stride(patch_stride) -> None:
 
 
 def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RESIDUAL_SCALE,
-                   labels=None, num_classes: int | None = None) -> KernelBuilder:
+                   labels=None, num_classes: int | None = None,
+                   normalized_residual: bool = False) -> KernelBuilder:
     """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode
-    (``labels`` and ``num_classes``: the batch's, for ``LABELLED_MODES``)."""
+    (``labels`` and ``num_classes``: the batch's, for ``LABELLED_MODES``;
+    ``normalized_residual``: see ``data_derived_kernel``)."""
     if mode not in MODES or mode == "none":
         raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
     check_patch_stride(patch_stride)
@@ -140,7 +159,7 @@ def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RES
         _require_labels(mode, labels, num_classes)
     return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
                              residual_scale=float(residual_scale), labels=labels,
-                             num_classes=num_classes)
+                             num_classes=num_classes, normalized_residual=bool(normalized_residual))
 
 
 def forward_with_data_layers(build_kernel: KernelBuilder, target: nn.Module, variables, images, mask):

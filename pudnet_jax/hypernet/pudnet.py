@@ -90,6 +90,8 @@ class PudNet(nn.Module):
         position per axis (1: all of them).
       data_layers_residual_scale: weight of the head's kernel on top of the data-derived
         directions under the ``*_residual`` modes.
+      data_layers_normalized_residual: the head's filters enter the ``*_residual`` modes at unit
+        norm, so the scale bounds the correction relative to the data-derived filters.
     """
 
     target_name: str
@@ -110,6 +112,7 @@ class PudNet(nn.Module):
     data_layers: str = "none"
     data_layers_patch_stride: int = 1
     data_layers_residual_scale: float = DATA_LAYERS_RESIDUAL_SCALE
+    data_layers_normalized_residual: bool = False
 
     @nn.compact
     def __call__(self, images, labels, mask):
@@ -148,7 +151,8 @@ class PudNet(nn.Module):
             batch_stats = updates["batch_stats"]
         else:
             build_kernel = kernel_builder(self.data_layers, self.data_layers_patch_stride,
-                                          self.data_layers_residual_scale, labels, self.num_classes)
+                                          self.data_layers_residual_scale, labels, self.num_classes,
+                                          self.data_layers_normalized_residual)
             params, target_features, batch_stats = forward_with_data_layers(
                 build_kernel, stats_target, {"params": params, "batch_stats": init_stats},
                 images, mask)
