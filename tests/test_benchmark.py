@@ -553,3 +553,31 @@ def test_construction_probe_scores_closed_form_networks_read_out_as_predict(hype
         "ridge_lambda": 0.01, "predict_shots": 5, "patch_stride": 1, "command": "x", "seed": 0,
         "machine": train.machine_description(), "wall_seconds": 1.0}
     assert "| discriminant |" in markdown(fake)
+
+
+def test_head_gain_probe_reports_the_heads_share_of_each_kernel(hyper, tmp_path):
+    """launch/head_gain_probe.py: the norms are those of the head's own kernels (predict with the
+    data layers off), the ratio is scale x norm for a free head and the scale itself for a
+    normalised one; a predictor without residual data layers is refused by name."""
+    from launch.head_gain_probe import head_filter_norms, markdown, probe
+    from pudnet_jax.predict import make_predict_fn
+
+    c, hyper_params, free = _small_export(hyper, tmp_path, data_layers="pca_residual",
+                                          data_layers_residual_scale=0.5)
+    task = baselines.lr_tuning_tasks(c, 1)[0]
+    plain = c.copy_and_resolve_references()
+    plain.hyper.data_layers = "none"
+    kernel = make_predict_fn(plain, task.num_classes)(hyper_params, task.dataset_batch())["params"]["conv_init"]["kernel"]
+    want = float(np.linalg.norm(np.asarray(kernel).reshape(-1, kernel.shape[-1]), axis=0).mean())
+    norms = head_filter_norms(c, hyper_params, task.dataset_batch(), task.num_classes)
+    assert norms["conv_init/kernel"] == pytest.approx(want) and len(norms) == 9  # resnet8's convs
+    (row,) = probe([free])["rows"]
+    assert row["head_to_data_ratio"]["conv_init/kernel"] == pytest.approx(0.5 * want)
+    c2, _, normalised = _small_export(hyper, tmp_path / "n", data_layers="pca_residual",
+                                      data_layers_residual_scale=0.5, data_layers_normalized_residual=True)
+    result = probe([normalised])
+    assert set(result["rows"][0]["head_to_data_ratio"].values()) == {0.5}
+    assert "head-to-data ratio" in markdown(result)
+    _, _, plain_export = _small_export(hyper, tmp_path / "p")
+    with pytest.raises(ValueError, match="residual"):
+        probe([plain_export])
