@@ -344,6 +344,8 @@ def test_normalized_residual_bounds_the_head_and_ignores_its_gain(mode):
     free = np.asarray(kernel(head * gains, 0.3, False) - base).reshape(-1, 8)
     np.testing.assert_allclose(np.linalg.norm(free, axis=0),
                                0.3 * np.linalg.norm(np.asarray(head * gains).reshape(-1, 8), axis=0), rtol=1e-4)
+    with pytest.raises(ValueError, match="normalized_residual"):
+        data_layers.kernel_builder("whitened", normalized_residual=True)
     # A dead head filter stays (near) zero instead of dividing by zero.
     dead = head.at[..., 0].set(0.0)
     assert np.all(np.isfinite(np.asarray(kernel(dead, 0.3, True))))

@@ -14,8 +14,8 @@ combines the two inside predict, for every conv, walking the target in forward o
   With ``normalized_residual``, ``H``'s filters are scaled to unit norm first, so the scale is
   the correction's size relative to the data-derived filter: BatchNorm after every conv makes
   a filter's norm irrelevant (only its direction counts), and a free ``H`` grows during
-  meta-training until it drowns ``P`` (session 24: the shipped inter head's filters reached
-  norms 250-900, ``0.25 H`` is 55-220 times ``P``; RESULTS.md section 1).
+  meta-training until it drowns ``P`` (session 24, ``launch/head_gain_probe.py``: the shipped
+  inter head's filters reached norms 220-890, so ``0.25 H`` is 55-220 times ``P``).
 - ``'discriminant_residual'``: as ``'pca_residual'`` with ``P``'s directions the conv input's
   *discriminant* patch directions (``hypernet.discriminant``: what separates the batch's classes,
   relative to all the patch variation) in place of its principal ones. Needs the batch's labels.
@@ -155,6 +155,9 @@ def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RES
     if mode not in MODES or mode == "none":
         raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
     check_patch_stride(patch_stride)
+    if normalized_residual and not mode.endswith("_residual"):
+        raise ValueError(f"hyper.data_layers_normalized_residual weighs the head's kernel on top of "
+                         f"data-derived filters; hyper.data_layers={mode!r} has none (use a *_residual mode).")
     if mode in LABELLED_MODES:  # refused here already, before any kernel is traced
         _require_labels(mode, labels, num_classes)
     return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
