@@ -573,7 +573,7 @@ def test_head_gain_probe_reports_the_heads_share_of_each_kernel(hyper, tmp_path)
     assert norms["conv_init/kernel"] == pytest.approx(want) and len(norms) == 9  # resnet8's convs
     (row,) = probe([free])["rows"]
     assert row["head_to_data_ratio"]["conv_init/kernel"] == pytest.approx(0.5 * want)
-    c2, _, normalised = _small_export(hyper, tmp_path / "n", data_layers="pca_residual",
+    _, _, normalised = _small_export(hyper, tmp_path / "n", data_layers="pca_residual",
                                       data_layers_residual_scale=0.5, data_layers_normalized_residual=True)
     result = probe([normalised])
     assert set(result["rows"][0]["head_to_data_ratio"].values()) == {0.5}
