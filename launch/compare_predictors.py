@@ -85,12 +85,13 @@ def parse_variants(text: str | None) -> list[dict] | None:
 
 
 def apply_overrides(config, overrides: dict):
-    """A copy of ``config`` with ``hyper`` fields set from strings, cast to each field's type."""
+    """A copy of ``config`` with ``hyper`` fields set, each value cast to the field's type (strings
+    from the command line included: ``"0"``/``"1"``/``"true"``/``"false"`` for booleans)."""
     config = copy.deepcopy(config)
     with config.unlocked():
         for key, value in overrides.items():
             current = config.hyper[key]
-            if isinstance(current, bool):
+            if isinstance(current, bool) and isinstance(value, str):
                 if value.lower() not in ("0", "1", "true", "false"):
                     raise ValueError(f"--variants: hyper.{key}={value!r} is not a boolean")
                 config.hyper[key] = value.lower() in ("1", "true")
@@ -101,16 +102,12 @@ def apply_overrides(config, overrides: dict):
 
 def _variant(config, predict_shots: int | None, encoder_downsample: int | None,
              mirror_support: bool | None = None, patch_stride: int | None = None):
-    config = copy.deepcopy(config)
-    with config.unlocked():
-        if predict_shots is not None:
+    settings = {"encoder_downsample": encoder_downsample, "mirror_support": mirror_support,
+                "data_layers_patch_stride": patch_stride}
+    config = apply_overrides(config, {k: v for k, v in settings.items() if v is not None})
+    if predict_shots is not None:
+        with config.unlocked():
             config.data.predict_shots = int(predict_shots)
-        if encoder_downsample is not None:
-            config.hyper.encoder_downsample = int(encoder_downsample)
-        if mirror_support is not None:
-            config.hyper.mirror_support = bool(mirror_support)
-        if patch_stride is not None:
-            config.hyper.data_layers_patch_stride = int(patch_stride)
     return config
 
 

@@ -24,12 +24,14 @@ import shlex
 import sys
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints
+from pudnet_jax.hypernet.data_layers import filter_norms
+from pudnet_jax.hypernet.head import get_path
+from pudnet_jax.hypernet import target_specs
 from pudnet_jax.metrics import machine_line, write_report
 from pudnet_jax.predict import make_predict_fn
 from pudnet_jax.train import machine_description
@@ -37,18 +39,14 @@ from pudnet_jax.train import machine_description
 
 def head_filter_norms(config, hyper_params, batch, num_classes: int) -> dict[str, float]:
     """Mean output-filter norm of every conv kernel the head predicts for ``batch`` (data layers
-    off), keyed by the kernel's path."""
+    off), keyed by the kernel's path, in the target's forward order."""
     config = copy.deepcopy(config)
     with config.unlocked():
         config.hyper.data_layers = "none"
-    variables = make_predict_fn(config, num_classes)(hyper_params, batch)
-    norms = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
-        if leaf.ndim == 4:  # HWIO conv kernels
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
-            filters = np.asarray(leaf).reshape(-1, leaf.shape[-1])
-            norms[name] = float(np.linalg.norm(filters, axis=0).mean())
-    return norms
+    params = make_predict_fn(config, num_classes)(hyper_params, batch)["params"]
+    convs = [s for s in target_specs(config.model.target, num_classes, tuple(np.shape(batch["image"])[1:]))
+             if s.kind == "conv"]
+    return {"/".join(s.path): float(np.mean(filter_norms(get_path(params, s.path)))) for s in convs}
 
 
 def probe(paths: list[str]) -> dict:

@@ -80,10 +80,14 @@ def whitening_matrix(images, mask, kernel_size: int, eps: float = WHITEN_EPS, st
     return regularised_inverse_sqrt(patch_covariance(images, mask, kernel_size, stride), eps)
 
 
+def filter_norms(kernel):
+    """``[O]``: the norm of each output filter of an HWIO ``kernel``."""
+    return jnp.sqrt(jnp.sum(jnp.square(kernel), axis=(0, 1, 2)))
+
+
 def unit_filters(kernel):
     """HWIO ``kernel`` with every output filter scaled to unit norm (see MIN_HEAD_FILTER_NORM)."""
-    norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=(0, 1, 2), keepdims=True))
-    return kernel / jnp.maximum(norms, MIN_HEAD_FILTER_NORM)
+    return kernel / jnp.maximum(filter_norms(kernel), MIN_HEAD_FILTER_NORM)
 
 
 def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int = 1,
@@ -103,9 +107,10 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     ``residual_scale`` bounds the correction relative to the data-derived unit filters.
     """
     k1, k2, c_in, c_out = predicted_kernel.shape
-    head = unit_filters(predicted_kernel) if normalized_residual else predicted_kernel
     if k1 != k2:
         raise ValueError(f"hyper.data_layers needs square conv kernels; got {k1}x{k2}.")
+    _require_residual_mode(mode, normalized_residual)
+    head = unit_filters(predicted_kernel) if normalized_residual else predicted_kernel
     m = min(c_out // 2, k1 * k2 * c_in)
     if mode == "pca_residual":
         pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m, patch_stride)
@@ -140,6 +145,12 @@ def _require_labels(mode: str, labels, num_classes) -> None:
                          "pass labels and num_classes.")
 
 
+def _require_residual_mode(mode: str, normalized_residual: bool) -> None:
+    if normalized_residual and not mode.endswith("_residual"):
+        raise ValueError(f"hyper.data_layers_normalized_residual weighs the head's kernel on top of "
+                         f"data-derived filters; hyper.data_layers={mode!r} has none (use a *_residual mode).")
+
+
 def check_patch_stride(patch_stride) -> None:
     """Raises ``ValueError`` unless ``patch_stride`` is an integer >= 1."""
     if not (isinstance(patch_stride, int) and patch_stride >= 1):
@@ -155,10 +166,8 @@ def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RES
     if mode not in MODES or mode == "none":
         raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
     check_patch_stride(patch_stride)
-    if normalized_residual and not mode.endswith("_residual"):
-        raise ValueError(f"hyper.data_layers_normalized_residual weighs the head's kernel on top of "
-                         f"data-derived filters; hyper.data_layers={mode!r} has none (use a *_residual mode).")
-    if mode in LABELLED_MODES:  # refused here already, before any kernel is traced
+    _require_residual_mode(mode, normalized_residual)  # refused before any kernel is traced
+    if mode in LABELLED_MODES:  # likewise
         _require_labels(mode, labels, num_classes)
     return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
                              residual_scale=float(residual_scale), labels=labels,
