@@ -138,7 +138,7 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(upgrade_legacy_config(json.load(f)))
 
 
-def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory: str, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=False,  # a step is seconds long; sync saves keep resume simple
@@ -188,16 +188,29 @@ class RunCheckpoints:
         start-up removes them as debris of a killed save."""
         self.workdir = workdir
         self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, read_only)
-        self.best = _manager(os.path.join(workdir, "best"), 1, read_only)
+        # No automatic retention for best/: a new best must not delete the previous one before a
+        # train state records it (see ``save``), or a resume that discards the newer best (it is
+        # ahead of the restored state) would leave best/ empty.
+        self.best = _manager(os.path.join(workdir, "best"), None, read_only)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Saves the train state with JSON metadata (e.g. the best meta-val accuracy so far)."""
+        """Saves the train state with JSON metadata (e.g. the best meta-val accuracy so far), then
+        drops the best params this state no longer needs.
+
+        best/ keeps the newest best at or before ``step`` (the one ``meta`` names) and any newer
+        one; older bests are deleted only now, once a saved state no longer refers to them. So
+        whatever moment a run is killed at, the best that its last saved state refers to is on
+        disk (``discard_best_after`` removes only bests newer than that state).
+        """
         self.latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self.latest.wait_until_finished()
+        covered = [s for s in self.best.all_steps() if s <= step]
+        for older in sorted(covered)[:-1]:
+            self.best.delete(older)
 
     def restore(self, abstract_state: Any) -> tuple[Any, dict]:
         """Restores the latest state into ``abstract_state``'s structure and shardings."""
@@ -209,7 +222,9 @@ class RunCheckpoints:
         A run killed between a best save and its next regular checkpoint leaves a best step
         newer than the state it resumes from. The resumed run validates that step again (to the
         same accuracy: resume is exact) and saves it again, which Orbax refuses for an existing
-        step; dropping it first also keeps best/ consistent with the restored metadata.
+        step; dropping it first also keeps best/ consistent with the restored metadata, whose
+        best step is still on disk (``save`` deletes a best only once a newer one is recorded in
+        a saved state).
         """
         for newer in [s for s in self.best.all_steps() if s > step]:
             self.best.delete(newer)

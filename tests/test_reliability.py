@@ -595,3 +595,30 @@ def test_train_states_from_before_the_source_head_resume_and_a_changed_setting_i
     with pytest.raises(ValueError, match="written with a source head"):
         new.restore(checkpoints._strict_abstract(abstract))
     new.close()
+
+
+def test_a_resume_keeps_the_best_params_its_restored_state_refers_to(tmp_path):
+    """Killed after a new best (step 500) but before the next train state (the last is 400): the
+    resume drops best 500 (ahead of the state) and must still hold best 300, which the restored
+    metadata names; once a later state records a newer best, the older one is deleted."""
+    params = lambda v: {"params": {"w": np.full((2, 3), v, np.float32)}}
+    state = lambda step: train.TrainState(step=np.int32(step), params=params(step), opt_state={})
+    run = checkpoints.RunCheckpoints(str(tmp_path))
+    run.save_best(300, params(300), {"best_val_accuracy": 0.7, "best_step": 300})
+    run.save(400, state(400), {"best_val_accuracy": 0.7, "best_step": 300})
+    run.save_best(500, params(500), {"best_val_accuracy": 0.8, "best_step": 500})
+    run.close()  # killed here, before the state of step 500 or later was saved
+
+    resumed = checkpoints.RunCheckpoints(str(tmp_path))
+    abstract = jax.eval_shape(lambda: state(0))
+    _, meta = resumed.restore(checkpoints._strict_abstract(abstract))
+    resumed.discard_best_after(400)
+    assert resumed.best.all_steps() == [meta["best_step"]] == [300]
+    kept = resumed.best.restore(300, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params(0)), meta=ocp.args.JsonRestore()))
+    np.testing.assert_array_equal(kept.params["params"]["w"], params(300)["params"]["w"])
+    resumed.save_best(500, params(500), {"best_val_accuracy": 0.8, "best_step": 500})  # re-validated
+    assert sorted(resumed.best.all_steps()) == [300, 500]  # 300 stays until a state records 500
+    resumed.save(600, state(600), {"best_val_accuracy": 0.8, "best_step": 500})
+    assert resumed.best.all_steps() == [500]
+    resumed.close()
