@@ -17,7 +17,7 @@ What it produces: ``DIR/metrics.jsonl``, ``DIR/checkpoints/``, ``DIR/curves.png`
 
 from configs.common import apply_size_and_quick, base_config, parse_arg
 
-# Per-dataset defaults of DESIGN.md section 4.
+# Per-dataset defaults of the evaluation protocol (docs/protocol.md).
 _DATASETS = {
     "omniglot": dict(way=20, shots=5, queries=5, predict_shots=15, num_eval_tasks=100),
     # GTSRB: 25 meta-train classes are few (meta-train accuracy 0.99 vs 0.93 meta-val); rotated

@@ -1,4 +1,4 @@
-"""Training baselines of DESIGN.md section 4: random init, Adam from scratch, fine-tuning, prototypes.
+"""Training baselines (docs/protocol.md): random init, Adam from scratch, fine-tuning, prototypes.
 
 - ``train_from_scratch``: Adam on the target network (train mode, BatchNorm statistics updated),
   test accuracy after every epoch against cumulative *training* wall time. With

@@ -1,11 +1,12 @@
-"""The whole evaluation protocol of DESIGN.md section 4 in one process, on one machine.
+"""The whole evaluation protocol (docs/protocol.md) in one process, on one machine.
 
     python -m pudnet_jax.benchmark --checkpoint=runs/intra_omniglot --output=results/bench_omniglot
-    python -m pudnet_jax.benchmark --config=configs/intra.py:gtsrb --checkpoint=EXPORT --output=DIR
+    python -m pudnet_jax.benchmark --config=configs/intra.py:gtsrb --checkpoint=runs/intra_gtsrb --output=DIR
     python -m pudnet_jax.benchmark --checkpoint=EXPORT --output=/tmp/b --num_tasks=5 --scratch_epochs=3
 
 ``--checkpoint`` is an export or a training workdir; without ``--config`` its own config.json is
-used. Writes ``DIR/benchmark.json`` (everything, including the class split and the task manifest),
+used (with it, the hypernetwork fields must equal that config.json's, or the run is refused).
+Writes ``DIR/benchmark.json`` (everything, including the class split and the task manifest),
 ``DIR/benchmark.md`` (the table) and two plots: ``accuracy_vs_time.png`` (Adam from scratch and
 fine-tuning against cumulative training time, the prediction marked at its wall time) and
 ``per_task_scatter.png`` (predicted vs best from-scratch accuracy per task).
@@ -168,6 +169,7 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     load_start = list(os.getloadavg())
     os.makedirs(output, exist_ok=True)
     hyper_params, info = checkpoints.restore_hyper_params(checkpoint, config)
+    checkpoints.check_config_matches_checkpoint(config, checkpoint)
     tasks = make_test_tasks(config)
     n_base = min(len(tasks), int(num_baseline_tasks))
     evaluator = TaskEvaluator(config)

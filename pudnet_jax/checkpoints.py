@@ -98,8 +98,9 @@ def architecture_of(config) -> dict:
     return json.loads(json.dumps(arch))  # tuples -> lists, so saved and live configs compare
 
 
-def check_same_architecture(saved: dict, config, where: str) -> None:
-    """Raises ``ArchitectureMismatchError`` listing the fields that differ."""
+def check_same_architecture(saved: dict, config, where: str,
+                            hint: str = "Use a fresh --workdir or a config matching the checkpoint.") -> None:
+    """Raises ``ArchitectureMismatchError`` listing the fields that differ (then ``hint``)."""
     saved_arch = architecture_of(ml_collections.ConfigDict(upgrade_legacy_config(saved)))
     live_arch = architecture_of(config)
     diffs = []
@@ -111,7 +112,27 @@ def check_same_architecture(saved: dict, config, where: str) -> None:
     if diffs:
         raise ArchitectureMismatchError(
             f"The checkpoint in {where} was written for another hypernetwork architecture:\n  "
-            + "\n  ".join(diffs) + "\nUse a fresh --workdir or a config matching the checkpoint.")
+            + "\n  ".join(diffs) + "\n" + hint)
+
+
+def check_config_matches_checkpoint(config, directory: str) -> None:
+    """Refuses to read the checkpoint in ``directory`` under a config whose hypernetwork differs from
+    the one in its ``config.json`` (``ArchitectureMismatchError``; nothing to check without one).
+
+    Evaluate, export and benchmark take an optional ``--config``: without this check a field that
+    leaves the parameter shapes alone (``hyper.classifier``, ``hyper.data_layers``,
+    ``hyper.encoder_downsample``, ...) would silently make them score or export another function
+    than the one meta-trained and selected (e.g. ``configs/intra.py:gtsrb`` on the GTSRB export,
+    whose encoder reads 2x-downsampled images). Inference-time settings are compared on purpose
+    with ``launch/compare_predictors.py --variants``.
+    """
+    path = os.path.join(directory, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            check_same_architecture(json.load(f), config, directory, hint=(
+                "Omit --config to use the checkpoint's own config.json, or set these fields to "
+                "its values; to score a predictor under other inference-time settings, use "
+                "launch/compare_predictors.py --variants."))
 
 
 def write_config(config, workdir: str) -> None:

@@ -1,4 +1,4 @@
-"""Scoring predicted parameters on evaluation tasks (the zero-shot part of DESIGN.md section 4).
+"""Scoring predicted parameters on evaluation tasks (the zero-shot part of docs/protocol.md).
 
 The training baselines (Adam from scratch, fine-tuning, nearest prototype) live in
 ``pudnet_jax.benchmark``; this module holds what both meta-training and the benchmark need.

@@ -21,6 +21,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
     # Restore first: a missing workdir raises FileNotFoundError instead of being created empty.
     params, info = checkpoints.restore_hyper_params(workdir, config)
+    checkpoints.check_config_matches_checkpoint(config, workdir)
     # Read-only: the run may still be going, mid-way through writing a checkpoint.
     ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
@@ -51,6 +52,8 @@ def save_variables(variables, output: str) -> None:
 
 def predict_dataset(path: str, dataset: str, shots: int, output: str, data_dir: str | None = None) -> dict:
     """Predicts variables for ``dataset`` (``shots`` train images per class, fixed seed 0)."""
+    if int(shots) < 1:  # a negative count would slice off the last images of every class instead
+        raise ValueError(f"shots (images per class given to predict) must be at least 1; got {shots}.")
     from pudnet_jax.predict import load_predictor
 
     predictor = load_predictor(path)
@@ -72,6 +75,8 @@ def predict_dataset(path: str, dataset: str, shots: int, output: str, data_dir: 
 
 
 def export_workdir(config, workdir: str, output: str) -> None:
-    """Params-only export of the workdir's best (else latest) hypernetwork."""
+    """Params-only export of the workdir's best (else latest) hypernetwork (``config``'s
+    hypernetwork must be the workdir's: the export's config.json is ``config``)."""
     params, info = checkpoints.restore_hyper_params(workdir, config)
+    checkpoints.check_config_matches_checkpoint(config, workdir)
     checkpoints.export_predictor(params, config, output, {**info, "workdir": os.path.abspath(workdir)})

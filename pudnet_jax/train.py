@@ -425,6 +425,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       The final results dict (also written to ``workdir/results.json``), or the last metrics when
       stopped early.
     """
+    for field in ("log_every", "checkpoint_every"):  # eval_every=0 means "never"; these may not
+        if int(config.train[field]) < 1:
+            raise ValueError(f"train.{field} must be at least 1 (steps); got {config.train[field]}.")
     os.makedirs(workdir, exist_ok=True)
     sampler = make_sampler(config)
     if source_head.enabled(config):

@@ -44,9 +44,11 @@ def check_dataset_batch(batch: Mapping, num_classes: int | None = None,
     if len(shape) != 4:
         raise ValueError(f"'image' must have rank 4 [N, H, W, C]; got shape {shape}. "
                          "Add a channel axis to grayscale images (x[..., None]).")
-    n, _, _, c = shape
+    n, h, w, c = shape
     if n == 0:
         raise ValueError("The dataset batch is empty (N = 0 images).")
+    if h < 1 or w < 1:
+        raise ValueError(f"'image' must be at least 1x1 pixels; got shape {shape}.")
     if image_shape is not None and shape[1:] != tuple(image_shape):
         raise ValueError(f"'image' must have shape [N, {', '.join(map(str, image_shape))}] "
                          f"(preprocessed target input); got {shape}.")

@@ -224,6 +224,7 @@ PREDICTOR_CASES = {
     "negative label": (_with(_R, label=_R["label"] - 3), "negative"),
     "labels with a gap": (_with(_R, label=_R["label"] * 2), "have no example"),
     "empty batch": ({"image": _R["image"][:0], "label": _R["label"][:0]}, "empty"),
+    "0x0 images": (_with(_R, image=np.zeros((20, 0, 0, 1), np.uint8)), "at least 1x1 pixels"),
     "fully masked": (_with(_R, mask=np.zeros(20, bool)), "masked out"),
     "images as strings": (_with(_R, image=np.full((20, 28, 28, 1), "x")), "dtype must be uint8"),
     "images as lists of ints": (_with(_R, image=_R["image"].tolist()), "dtype must be uint8 or floating; got int64"),
@@ -622,3 +623,18 @@ def test_a_resume_keeps_the_best_params_its_restored_state_refers_to(tmp_path):
     resumed.save(600, state(600), {"best_val_accuracy": 0.8, "best_step": 500})
     assert resumed.best.all_steps() == [500]
     resumed.close()
+
+
+def test_step_counts_and_shot_counts_below_one_are_refused_up_front(config, tmp_path):
+    """log_every / checkpoint_every of 0 used to fail with ZeroDivisionError after the first step;
+    a negative --shots of the predict mode sliced off images instead of taking that many."""
+    from pudnet_jax.run_modes import predict_dataset
+
+    for field in ("log_every", "checkpoint_every"):
+        bad = config.copy_and_resolve_references()
+        bad.train[field] = 0
+        with pytest.raises(ValueError, match=f"train.{field} must be at least 1"):
+            train.train_and_evaluate(bad, str(tmp_path / field))
+        assert not os.path.exists(tmp_path / field)
+    with pytest.raises(ValueError, match="shots .* must be at least 1; got -1"):
+        predict_dataset(str(tmp_path / "nothing"), "cifar10", -1, str(tmp_path / "out"))

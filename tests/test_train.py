@@ -1,6 +1,7 @@
 """Meta-training: a real run end to end, multi-device equivalence, exact resume, no retracing,
 and learning that actually happens on real data."""
 
+import copy
 import json
 import os
 
@@ -448,6 +449,30 @@ def test_warm_start_from_another_architecture_is_refused(tiny_config, tmp_path):
     config.train.init_from = str(tmp_path / "source")
     with pytest.raises(ArchitectureMismatchError):
         initial_train_state(config, parallel.make_mesh(), RunCheckpoints(str(tmp_path / "new")))
+
+
+def test_evaluate_export_and_benchmark_refuse_a_config_for_another_hypernetwork(tiny_config, tmp_path):
+    """--config on a checkpoint whose config.json differs in a field that leaves the shapes alone
+    (the encoder's input resolution) would score or export another function: refused, naming
+    the field; the checkpoint's own config passes the check."""
+    from pudnet_jax import benchmark, checkpoints, run_modes
+    from pudnet_jax.predict import init_hyper_params
+
+    config = _small_run_config(tiny_config, num_steps=2)
+    export = str(tmp_path / "export")
+    checkpoints.export_predictor(init_hyper_params(config, jax.random.key(0)), config, export,
+                                 {"step": 0, "source": "init"})
+    checkpoints.check_config_matches_checkpoint(checkpoints.read_config(export), export)
+    other = copy.deepcopy(config)
+    other.hyper.encoder_downsample = 2
+    calls = {"evaluate": lambda: run_modes.evaluate_workdir(other, export),
+             "export": lambda: run_modes.export_workdir(other, export, str(tmp_path / "re_export")),
+             "benchmark": lambda: benchmark.run_benchmark(other, export, str(tmp_path / "bench"))}
+    for name, call in calls.items():
+        with pytest.raises(checkpoints.ArchitectureMismatchError,
+                           match=r"(?s)hyper\.encoder_downsample: checkpoint 1 vs config 2.*Omit --config"):
+            call()
+    assert not os.path.exists(tmp_path / "re_export")
 
 
 def test_resume_after_a_kill_between_a_best_save_and_the_next_checkpoint(tiny_config, tmp_path,

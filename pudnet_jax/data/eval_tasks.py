@@ -1,4 +1,4 @@
-"""Fixed evaluation tasks of DESIGN.md section 4 (intra- and inter-dataset).
+"""Fixed evaluation tasks of the evaluation protocol, docs/protocol.md (intra- and inter-dataset).
 
 An `EvalTask` keeps indices into prepared splits (not copies: 100 Omniglot tasks or 20 GTSRB
 tasks would otherwise hold hundreds of MB) and gathers images on access. All tasks are a pure

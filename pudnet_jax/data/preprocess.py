@@ -76,6 +76,8 @@ def to_model_input(images_uint8: np.ndarray, image_size: int = 32,
         raise ValueError(f'images must be uint8 in 0..255; got {x.dtype}')
     if x.shape[-1] not in (1, 3):
         raise ValueError(f'images must have 1 or 3 channels; got {x.shape[-1]} ({x.shape})')
+    if 0 in x.shape[1:3]:
+        raise ValueError(f'images must be at least 1x1 pixels; got shape {x.shape}')
     if channels not in (1, 3):
         raise ValueError(f'channels must be 1 or 3; got {channels}')
     if image_size < 1:

@@ -2,7 +2,7 @@
 
 Both back ends return the same `ImageSet`: uint8 NHWC images, int64 labels, class names and
 per-image extra arrays (Omniglot's alphabet/character/drawing numbers, GTSRB's track ids, ...).
-Nothing here writes into the data directory: it is read-only (see DESIGN.md section 4).
+Nothing here writes into the data directory: it is read-only (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -150,9 +150,12 @@ def _read_npz(path: str, split: str) -> ImageSet:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f'{path}: x_{split} must be uint8 [N,H,W,C], got '
                          f'{images.dtype} {images.shape}')
+    if n == 0 or 0 in images.shape[1:3]:
+        # An empty train split would give NaN channel statistics (0 / 0) and NaN images.
+        raise ValueError(f'{path}: x_{split} holds no images (shape {images.shape})')
     if labels.shape != (n,):
         raise ValueError(f'{path}: y_{split} has shape {labels.shape}, expected ({n},)')
-    if n and (labels.min() < 0 or labels.max() >= len(class_names)):
+    if (labels.min() < 0 or labels.max() >= len(class_names)):
         raise ValueError(f'{path}: y_{split} outside [0, {len(class_names)})')
     # Per-image extras are the other '<key>_<split>' arrays of length N; per-class arrays such
     # as GTSRB's full_count_train (length 43) are not per-image and are skipped.

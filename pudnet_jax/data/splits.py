@@ -1,4 +1,4 @@
-"""Fixed-seed class splits of DESIGN.md section 4.
+"""Fixed-seed class splits of the evaluation protocol (docs/protocol.md).
 
 Every split is a pure function of its seed (numpy `default_rng(seed)`), and `to_dict()` gives
 the exact class ids so results files record them.

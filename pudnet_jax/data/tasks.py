@@ -116,7 +116,7 @@ class ClassPool:
 
 def meta_train_pools(setting: str, dataset: str, *, split_seed: int = 0, rotations: int = 1,
                      exclude: Sequence[str] = (), **prepare_kwargs) -> list[ClassPool]:
-    """The class pools of DESIGN.md section 4 for meta-training.
+    """The class pools for meta-training (docs/protocol.md).
 
     intra: one pool, the train split of `dataset` restricted to its split's meta_train classes.
     inter: `dataset` is the held-out one; one pool per other dataset, all classes of its train
