@@ -152,10 +152,11 @@ def _read_npz(path: str, split: str) -> ImageSet:
                          f'{images.dtype} {images.shape}')
     if n == 0 or 0 in images.shape[1:3]:
         # An empty train split would give NaN channel statistics (0 / 0) and NaN images.
-        raise ValueError(f'{path}: x_{split} holds no images (shape {images.shape})')
+        raise ValueError(f'{path}: x_{split} holds no images, or images of zero size '
+                         f'(shape {images.shape})')
     if labels.shape != (n,):
         raise ValueError(f'{path}: y_{split} has shape {labels.shape}, expected ({n},)')
-    if (labels.min() < 0 or labels.max() >= len(class_names)):
+    if labels.min() < 0 or labels.max() >= len(class_names):
         raise ValueError(f'{path}: y_{split} outside [0, {len(class_names)})')
     # Per-image extras are the other '<key>_<split>' arrays of length N; per-class arrays such
     # as GTSRB's full_count_train (length 43) are not per-image and are skipped.
