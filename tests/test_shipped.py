@@ -55,3 +55,32 @@ def test_shipped_omniglot_predictor_reproduces_its_benchmark(tmp_path):
     accuracy = TaskEvaluator(config).evaluate(params, [task])["per_task_predicted"][0]
     assert accuracy == pytest.approx(bench["per_task"][0]["predicted"], abs=0.02)
     assert accuracy > 0.9
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(data.default_data_dir(), "cifar10.npz")),
+                    reason="no cifar10.npz in the data dir")
+def test_shipped_inter_predictor_takes_its_kernels_from_the_data_and_its_batchnorm_from_the_head():
+    """What RESULTS.md 2.3 says the inter export does (data_layers_residual_scale=0): the first
+    conv, whose input is the images, is the data's discriminant construction whatever the
+    hypernetwork's parameters; the BatchNorm scales are the hypernetwork's (not the unit ones of
+    the closed-form network), so other parameters give other BatchNorm and later kernels."""
+    import jax
+    import numpy as np
+
+    from pudnet_jax.predict import Predictor, load_predictor
+
+    predictor = load_predictor(_export("inter_resnet8"))
+    assert predictor.config.hyper.data_layers == "discriminant_residual"
+    assert predictor.config.hyper.data_layers_residual_scale == 0.0
+    raw = data.load_split("cifar10", "train")
+    index = np.concatenate([np.flatnonzero(raw.labels == c)[:10] for c in range(10)])
+    batch = {"image": raw.images[index], "label": raw.labels[index].astype(np.int32)}
+    shipped = predictor.predict(batch)["params"]
+    scaled = jax.tree.map(lambda x: 1.1 * x, predictor.hyper_params)
+    other = Predictor(config=predictor.config, hyper_params=scaled).predict(batch)["params"]
+    np.testing.assert_allclose(other["conv_init"]["kernel"], shipped["conv_init"]["kernel"], atol=1e-5)
+    assert np.abs(np.asarray(shipped["conv_init"]["kernel"])).max() > 0.1  # not an all-zero kernel
+    assert not np.allclose(shipped["bn_init"]["scale"], 1.0)
+    assert not np.allclose(other["bn_init"]["scale"], shipped["bn_init"]["scale"])
+    later = shipped["ResNetBlock_2"]["Conv_0"]["kernel"]
+    assert not np.allclose(other["ResNetBlock_2"]["Conv_0"]["kernel"], later, atol=1e-5)
