@@ -167,9 +167,9 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
             raise ValueError(f"run_benchmark: {name} must be at least 1, got {value}.")
     wall_start = time.perf_counter()
     load_start = list(os.getloadavg())
+    checkpoints.check_config_matches_checkpoint(config, checkpoint)  # before any output is written
     os.makedirs(output, exist_ok=True)
     hyper_params, info = checkpoints.restore_hyper_params(checkpoint, config)
-    checkpoints.check_config_matches_checkpoint(config, checkpoint)
     tasks = make_test_tasks(config)
     n_base = min(len(tasks), int(num_baseline_tasks))
     evaluator = TaskEvaluator(config)

@@ -19,9 +19,10 @@ def evaluate_workdir(config, workdir: str) -> dict:
     """Runs the fixed protocol on the workdir's best (else latest) params -> ``results.json``."""
     from pudnet_jax.train import final_evaluation
 
-    # Restore first: a missing workdir raises FileNotFoundError instead of being created empty.
-    params, info = checkpoints.restore_hyper_params(workdir, config)
+    # Check, then restore: a config for another hypernetwork is refused naming its fields before
+    # any params are read, and a missing workdir raises FileNotFoundError instead of being created.
     checkpoints.check_config_matches_checkpoint(config, workdir)
+    params, info = checkpoints.restore_hyper_params(workdir, config)
     # Read-only: the run may still be going, mid-way through writing a checkpoint.
     ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
@@ -77,6 +78,6 @@ def predict_dataset(path: str, dataset: str, shots: int, output: str, data_dir: 
 def export_workdir(config, workdir: str, output: str) -> None:
     """Params-only export of the workdir's best (else latest) hypernetwork (``config``'s
     hypernetwork must be the workdir's: the export's config.json is ``config``)."""
-    params, info = checkpoints.restore_hyper_params(workdir, config)
     checkpoints.check_config_matches_checkpoint(config, workdir)
+    params, info = checkpoints.restore_hyper_params(workdir, config)
     checkpoints.export_predictor(params, config, output, {**info, "workdir": os.path.abspath(workdir)})

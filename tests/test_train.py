@@ -472,7 +472,7 @@ def test_evaluate_export_and_benchmark_refuse_a_config_for_another_hypernetwork(
         with pytest.raises(checkpoints.ArchitectureMismatchError,
                            match=r"(?s)hyper\.encoder_downsample: checkpoint 1 vs config 2.*Omit --config"):
             call()
-    assert not os.path.exists(tmp_path / "re_export")
+    assert not os.path.exists(tmp_path / "re_export") and not os.path.exists(tmp_path / "bench")
 
 
 def test_resume_after_a_kill_between_a_best_save_and_the_next_checkpoint(tiny_config, tmp_path,
