@@ -83,46 +83,70 @@ def test_sharded_step_on_4_devices_equals_1_device(tiny_config):
     assert max(jax.tree.leaves(leaf_gaps)) < 1e-3, leaf_gaps
 
 
-def test_source_loss_reaches_the_hypernetwork_and_trains_its_head(tiny_config):
+def test_source_loss_reaches_the_hypernetwork_trains_its_head_and_ramps_in(tiny_config):
     """train.source_loss_weight > 0: the head's cross-entropy on the predicted backbone's query
     features changes the hypernetwork's gradient (it flows through the predicted parameters),
-    the head gets a gradient of its own, and without a head the loss is the episodic one."""
+    the head gets a gradient of its own, and without a head the loss is the episodic one.
+    train.source_head_warmup_steps: at gradient scale 0 the hypernetwork's gradient is the
+    episodic one (the source loss cannot reach it) while the head's gradient is unchanged; the
+    train step ramps the scale linearly with the step, and its steps lower the source loss on a
+    repeated batch. (One test: the compiles, not the checks, are what cost.)"""
+    from pudnet_jax import source_head
+
     config = _small_run_config(tiny_config)
-    config.data.tasks_per_batch = 1  # no mesh here: one task keeps the three compiles short
+    config.data.tasks_per_batch = 1  # no mesh here: one task keeps the compiles short
     config.train.source_loss_weight = 1.0
+    config.train.source_head_standardize = True
     sampler = make_sampler(config)
     config.train.num_source_classes = sampler.num_source_classes
     batch = jax.tree.map(np.asarray, sampler.batch(0))
     assert batch["query"]["source_label"].max() < sampler.num_source_classes
     state = create_train_state(config, jax.random.key(0))
     grad_fn = jax.jit(make_grad_fn(config))
-    (loss, metrics), (hyper_grads, head_grads) = grad_fn(state.params, batch, state.source_head)
-    (plain_loss, plain_metrics), plain_grads = grad_fn(state.params, batch)
+    (loss, metrics), (hyper1, head1) = grad_fn(state.params, batch, state.source_head, 1.0)
+    (loss0, _), (hyper0, head0) = grad_fn(state.params, batch, state.source_head, 0.0)
+    (plain_loss, _), plain = grad_fn(state.params, batch)
     np.testing.assert_allclose(metrics["task_loss"], plain_loss, rtol=1e-5)
     np.testing.assert_allclose(loss, plain_loss + metrics["source_loss"], rtol=1e-5)
+    np.testing.assert_allclose(loss0, loss, rtol=1e-6)  # the scale leaves the forward pass alone
     assert metrics["source_loss"] > 0.5 * np.log(sampler.num_source_classes)  # untrained head
-    assert float(optax.tree.norm(head_grads)) > 0
-    gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper_grads, plain_grads))
-    assert float(gap) > 1e-3 * float(optax.tree.norm(plain_grads))
+    assert float(optax.tree.norm(head1)) > 0
+    for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(head1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    norm = float(optax.tree.norm(plain))
+    gap0 = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper0, plain)))
+    gap1 = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper1, plain)))
+    assert gap0 < 1e-4 * norm and gap1 > 1e-3 * norm, (gap0, gap1, norm)
     with pytest.raises(ValueError, match="source_label"):
         unlabelled = {**batch, "query": {k: v for k, v in batch["query"].items() if k != "source_label"}}
         grad_fn(state.params, unlabelled, state.source_head)
-    # Train steps lower the source loss on a repeated batch (the head and the features learn).
+
+    config.train.source_head_warmup_steps = 4
+    scales = [float(source_head.hypernet_gradient_scale(config, s)) for s in (0, 2, 4, 9)]
+    assert scales == [0.0, 0.5, 1.0, 1.0]
+    config.train.source_head_warmup_steps = 0
+    assert float(source_head.hypernet_gradient_scale(config, 0)) == 1.0
+    # Train steps on a repeated batch, the scale ramping 0, 0.25, 0.5, 0.75: the head and the
+    # features learn, so the source loss falls.
+    config.train.source_head_warmup_steps = 4
     config.train.source_head_learning_rate = 1e-2
     step = jax.jit(make_train_step(config))
-    losses = []
+    losses, grad_scales = [], []
     for _ in range(4):
         state, metrics = step(state, batch)
         losses.append(float(metrics["source_loss"]))
+        grad_scales.append(float(metrics["source_grad_scale"]))
+    assert grad_scales == [0.0, 0.25, 0.5, 0.75]
     assert losses[-1] < losses[0], losses
 
 
 def test_source_loss_is_a_mean_over_the_labelled_images_of_the_whole_batch(tiny_config):
     """Tasks with no source-labelled image (an Omniglot task when the head leaves Omniglot out)
     neither dilute the source loss nor move it: a batch of 4 tasks, 2 of them unlabelled, has
-    the source loss, accuracy and labelled count of the 2 labelled tasks alone; on a 4-device
-    mesh (one task per device, so two devices hold no labelled image) loss, metrics and gradients
-    equal the single-device ones."""
+    the labelled count of the 2 labelled tasks and the source loss and accuracy of a batch that
+    holds those 2 tasks twice, all labelled (the same mean; same shapes, so one compile serves
+    both); on a 4-device mesh (one task per device, so two devices hold no labelled image) loss,
+    metrics and gradients equal the single-device ones."""
     config = _small_run_config(tiny_config)
     config.train.source_loss_weight = 1.0
     config.train.source_head_standardize = True
@@ -132,14 +156,17 @@ def test_source_loss_is_a_mean_over_the_labelled_images_of_the_whole_batch(tiny_
     labels = batch["query"]["source_label"].copy()
     labels[[1, 3]] = -1
     batch["query"]["source_label"] = labels
-    labelled_only = jax.tree.map(lambda x: x[[0, 2]], batch)
-    head = create_train_state(config, jax.random.key(0)).source_head
-    params = create_train_state(config, jax.random.key(0)).params
+    # Tasks 0 and 2 twice, every image labelled: the mean over its labelled images is the mean
+    # over tasks 0 and 2 alone (a loss that counted unlabelled images or tasks would halve).
+    labelled_twice = jax.tree.map(lambda x: x[[0, 2, 0, 2]], batch)
+    state = create_train_state(config, jax.random.key(0))
+    params, head = state.params, state.source_head
     grad_fn = jax.jit(make_grad_fn(config))
-    (loss, metrics), _ = grad_fn(params, batch, head)
-    (_, metrics_2), _ = grad_fn(params, labelled_only, head)
+    (loss, metrics), grads_1 = grad_fn(params, batch, head)
+    (_, metrics_2), _ = grad_fn(params, labelled_twice, head)
     expected = int((batch["query"]["mask"] & (labels >= 0)).sum())
-    assert int(metrics["source_labelled"]) == int(metrics_2["source_labelled"]) == expected > 0
+    assert int(metrics["source_labelled"]) == expected > 0
+    assert int(metrics_2["source_labelled"]) == 2 * expected
     np.testing.assert_allclose(metrics["source_loss"], metrics_2["source_loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["source_accuracy"], metrics_2["source_accuracy"])
     np.testing.assert_allclose(loss, metrics["task_loss"] + metrics["source_loss"], rtol=1e-5)
@@ -149,7 +176,6 @@ def test_source_loss_is_a_mean_over_the_labelled_images_of_the_whole_batch(tiny_
     (loss_4, metrics_4), grads_4 = jax.device_get(sharded(
         jax.device_put(params, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh),
         jax.device_put(head, parallel.replicated(mesh))))
-    (_, _), grads_1 = grad_fn(params, batch, head)
     np.testing.assert_allclose(loss_4, loss, rtol=1e-5)
     np.testing.assert_allclose(metrics_4["source_loss"], metrics["source_loss"], rtol=1e-5)
     assert int(metrics_4["source_labelled"]) == expected
@@ -203,42 +229,6 @@ def test_standardized_source_head_ignores_the_feature_scale_and_unlabelled_rows(
     standardized = source_head.standardize_features(features, jnp.ones(8))
     np.testing.assert_allclose(np.asarray(standardized).mean(0), 0.0, atol=1e-5)
     np.testing.assert_allclose(np.sqrt(np.mean(np.asarray(standardized) ** 2)), 1.0, rtol=1e-4)
-
-
-def test_source_head_warmup_ramps_only_the_hypernetwork_gradient(tiny_config):
-    """train.source_head_warmup_steps: at scale 0 the hypernetwork's gradient is the episodic one
-    (the source loss cannot reach it) while the head's gradient is unchanged; at scale 1 it is
-    the full gradient; the train step ramps the scale linearly with the step."""
-    from pudnet_jax import source_head
-
-    config = _small_run_config(tiny_config)
-    config.data.tasks_per_batch = 1
-    config.train.source_loss_weight = 1.0
-    config.train.source_head_standardize = True
-    sampler = make_sampler(config)
-    config.train.num_source_classes = sampler.num_source_classes
-    batch = jax.tree.map(np.asarray, sampler.batch(0))
-    state = create_train_state(config, jax.random.key(0))
-    grad_fn = jax.jit(make_grad_fn(config))
-    (loss0, _), (hyper0, head0) = grad_fn(state.params, batch, state.source_head, 0.0)
-    (loss1, _), (hyper1, head1) = grad_fn(state.params, batch, state.source_head, 1.0)
-    (_, _), plain = grad_fn(state.params, batch)
-    np.testing.assert_allclose(loss0, loss1, rtol=1e-6)  # the forward pass does not change
-    for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(head1)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    norm = float(optax.tree.norm(plain))
-    gap0 = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper0, plain)))
-    gap1 = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, hyper1, plain)))
-    assert gap0 < 1e-4 * norm and gap1 > 1e-3 * norm, (gap0, gap1, norm)
-
-    config.train.source_head_warmup_steps = 4
-    scales = [float(source_head.hypernet_gradient_scale(config, s)) for s in (0, 2, 4, 9)]
-    assert scales == [0.0, 0.5, 1.0, 1.0]
-    config.train.source_head_warmup_steps = 0
-    assert float(source_head.hypernet_gradient_scale(config, 0)) == 1.0
-    config.train.source_head_warmup_steps = 4
-    state, metrics = jax.jit(make_train_step(config))(state, batch)
-    assert float(metrics["source_grad_scale"]) == 0.0
 
 
 def test_train_way_widens_meta_training_tasks_only(tiny_config):
