@@ -523,6 +523,17 @@ def test_predict_sample_spread_redraws_only_the_evaluation_tasks(hyper, tmp_path
     assert r["over_seeds"]["n"] == 2
     assert r["std"] == pytest.approx(abs(first["predicted"] - second["predicted"]) / np.sqrt(2))
     assert "standard deviation" in markdown(r)
+    # --variant: the same params scored with a hyper field changed at inference.
+    changed = spread(export, [1], overrides={"mirror_support": "true"})
+    mirrored = redrawn.copy_and_resolve_references()
+    mirrored.hyper.mirror_support = True
+    assert changed["rows"][0]["predicted"] == pytest.approx(
+        TaskEvaluator(mirrored).evaluate(hyper_params, tasks_1)["predicted"]["mean"])
+    assert changed["rows"][0]["predicted"] != second["predicted"]  # predict did read the mirror images
+    assert changed["overrides"] == {"mirror_support": "true"}
+    assert "hyper.mirror_support=true" in markdown(changed)
+    with pytest.raises(ValueError, match="encoder_widths"):
+        spread(export, [0], overrides={"encoder_widths": "(8,)"})
 
 
 @pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
