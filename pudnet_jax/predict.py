@@ -14,6 +14,7 @@ Two levels:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -88,13 +89,22 @@ def with_mirror_images(images, labels, mask):
             jnp.concatenate([mask, mask]))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(hypernet, rng, images, labels, mask):
+    # The module is a static argument: Flax modules are frozen dataclasses, equal (and equally
+    # hashed) when built from equal configs, so every init of one architecture (a fresh train
+    # state, the shape templates of each restore) reuses one trace instead of re-tracing the
+    # whole hypernetwork (seconds per call on CPU).
+    return hypernet.init(rng, images, labels, mask)
+
+
 def init_hyper_params(config, rng, num_classes: int | None = None):
     """Initial hypernetwork variables (``{'params': ...}``) for ``config``."""
     hypernet = build_hypernet(config, num_classes)
     n = 2 * hypernet.num_classes
     images = jnp.zeros((n, *hypernet.image_shape), jnp.float32)
     labels = jnp.arange(n, dtype=jnp.int32) % hypernet.num_classes
-    return jax.jit(hypernet.init)(rng, images, labels, jnp.ones((n,), bool))
+    return _init_variables(hypernet, rng, images, labels, jnp.ones((n,), bool))
 
 
 def preprocess_images(images, image_size: int, channels: int) -> np.ndarray:
