@@ -1,0 +1,33 @@
+"""Session 26: the shipped inter predictor minus the closed-form discriminant network on CIFAR-10,
+paired over the same 5 predict samples (evaluation task seeds 0-4). Run from the repo root:
+
+  python results/construction_probe/inter_resnet8_s26/paired_with_predictor.py \
+      > results/construction_probe/inter_resnet8_s26/paired_with_predictor.txt
+
+Predictor: `results/predict_sample_spread/inter_resnet8_s25/` (session 25, the same export).
+Closed form: this directory's probe of that export's config (`probe.json`, split `unseen`).
+Read after every decision it could bear on; decides nothing.
+"""
+
+import json
+import os
+
+import numpy as np
+from scipy import stats
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.dirname(os.path.dirname(HERE))
+
+spread = json.load(open(os.path.join(RESULTS, "predict_sample_spread", "inter_resnet8_s25", "spread.json")))
+probe = json.load(open(os.path.join(HERE, "probe.json")))
+predicted = {r["eval_task_seed"]: r["predicted"] for r in spread["rows"]}
+closed = probe["splits"]["unseen"]["rows"]["discriminant"]["per_task"]
+seeds = list(range(len(closed)))  # the probe draws eval_task_seed 0, 1, ... (base seed 0)
+assert probe["held_out"] == "cifar10" and sorted(predicted) == seeds
+diff = np.array([predicted[s] - closed[s] for s in seeds])
+for s in seeds:
+    print(f"eval_task_seed {s}: predicted {100 * predicted[s]:.2f}  closed-form discriminant "
+          f"{100 * closed[s]:.2f}  difference {100 * (predicted[s] - closed[s]):+.2f}")
+half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+print(f"predicted minus closed form over {len(diff)} draws: {100 * diff.mean():+.2f} ± {100 * half:.2f} "
+      f"(95% t interval); draws where the predictor is ahead: {int((diff > 0).sum())} of {len(diff)}")
