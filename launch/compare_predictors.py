@@ -86,7 +86,11 @@ def parse_variants(text: str | None) -> list[dict] | None:
 
 def apply_overrides(config, overrides: dict):
     """A copy of ``config`` with ``hyper`` fields set, each value cast to the field's type (strings
-    from the command line included: ``"0"``/``"1"``/``"true"``/``"false"`` for booleans)."""
+    from the command line included: ``"0"``/``"1"``/``"true"``/``"false"`` for booleans). Only
+    ``VARIANT_FIELDS`` may be set: the others change the parameter tree or the data protocol."""
+    unknown = sorted(set(overrides) - set(VARIANT_FIELDS))
+    if unknown:
+        raise ValueError(f"hyper.{unknown[0]} cannot be changed at inference; allowed: {', '.join(VARIANT_FIELDS)}")
     config = copy.deepcopy(config)
     with config.unlocked():
         for key, value in overrides.items():

@@ -121,14 +121,12 @@ def test_source_loss_reaches_the_hypernetwork_trains_its_head_and_ramps_in(tiny_
         unlabelled = {**batch, "query": {k: v for k, v in batch["query"].items() if k != "source_label"}}
         grad_fn(state.params, unlabelled, state.source_head)
 
+    assert float(source_head.hypernet_gradient_scale(config, 0)) == 1.0  # no warm-up
     config.train.source_head_warmup_steps = 4
     scales = [float(source_head.hypernet_gradient_scale(config, s)) for s in (0, 2, 4, 9)]
     assert scales == [0.0, 0.5, 1.0, 1.0]
-    config.train.source_head_warmup_steps = 0
-    assert float(source_head.hypernet_gradient_scale(config, 0)) == 1.0
     # Train steps on a repeated batch, the scale ramping 0, 0.25, 0.5, 0.75: the head and the
     # features learn, so the source loss falls.
-    config.train.source_head_warmup_steps = 4
     config.train.source_head_learning_rate = 1e-2
     step = jax.jit(make_train_step(config))
     losses, grad_scales = [], []

@@ -11,11 +11,14 @@ are the same ones).
 
 import json
 import os
+import sys
 
 import numpy as np
-from scipy import stats
 
 RESULTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(RESULTS))
+
+from pudnet_jax.evaluate import mean_and_ci95  # noqa: E402  (Student-t, as every table)
 
 
 def load(*parts):
@@ -24,9 +27,9 @@ def load(*parts):
 
 
 def mean_ci(values):
-    values = np.asarray(values, float)
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return 100 * values.mean(), 100 * half
+    """(mean, half-width of the 95% interval) in points."""
+    stats = mean_and_ci95(values)
+    return 100 * stats["mean"], 100 * stats["ci95"]
 
 
 seed0 = load("compare_predictors", "inter_s25_round3_gtsrb", "compare.json")["rows"]

@@ -11,12 +11,15 @@ Read after every decision it could bear on; decides nothing.
 
 import json
 import os
+import sys
 
 import numpy as np
-from scipy import stats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(RESULTS))
+
+from pudnet_jax.evaluate import mean_and_ci95  # noqa: E402  (Student-t, as every table)
 
 spread = json.load(open(os.path.join(RESULTS, "predict_sample_spread", "inter_resnet8_s25", "spread.json")))
 probe = json.load(open(os.path.join(HERE, "probe.json")))
@@ -28,6 +31,6 @@ diff = np.array([predicted[s] - closed[s] for s in seeds])
 for s in seeds:
     print(f"eval_task_seed {s}: predicted {100 * predicted[s]:.2f}  closed-form discriminant "
           f"{100 * closed[s]:.2f}  difference {100 * (predicted[s] - closed[s]):+.2f}")
-half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-print(f"predicted minus closed form over {len(diff)} draws: {100 * diff.mean():+.2f} ± {100 * half:.2f} "
+paired = mean_and_ci95(diff)
+print(f"predicted minus closed form over {len(diff)} draws: {100 * paired['mean']:+.2f} ± {100 * paired['ci95']:.2f} "
       f"(95% t interval); draws where the predictor is ahead: {int((diff > 0).sum())} of {len(diff)}")
