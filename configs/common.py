@@ -142,6 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Steps over which the source loss's gradient into the hypernetwork ramps from 0 to 1 (the
     # head itself trains at full strength from step 0, so it first learns to read the features).
     c.train.source_head_warmup_steps = 0
+    # > 0: cross-source lookahead (first-order MLDG; pudnet_jax/train.py): each batch pairs two
+    # sources, and the second half's gradient is taken after this many optimiser steps along the
+    # first half's, so updates that fit one source at the other's expense are penalised. Needs an
+    # inter run with >= 2 sources and data.tasks_per_batch a multiple of 2 x devices. 0 = off.
+    c.train.lookahead_scale = 0.0
     c.train.task_loop = "unroll"  # unroll (fast on CPU) | vmap (grouped convs; try on GPU/TPU)
     c.train.tensorboard = False
     c.train.progress_bar = True

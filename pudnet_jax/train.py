@@ -190,6 +190,9 @@ def make_grad_fn(config, mesh=None):
 def make_train_step(config, mesh=None):
     """The pure step ``(state, batch) -> (state, metrics)`` (gradients from ``make_grad_fn``).
 
+    With ``train.lookahead_scale > 0`` the gradient is the cross-source lookahead's (see
+    ``lookahead_grads`` inside; the sampler then pairs sources, ``make_sampler``).
+
     A non-finite loss or gradient leaves the state unchanged and reports ``finite=0``; the loop
     then stops with the step number instead of writing NaN parameters.
     """
@@ -198,10 +201,44 @@ def make_train_step(config, mesh=None):
     schedule = learning_rate_schedule(config)
     grad_fn = make_grad_fn(config, mesh)
 
+    lookahead = float(config.train.get("lookahead_scale", 0.0))
+    if lookahead < 0:
+        raise ValueError(f"train.lookahead_scale must be >= 0; got {lookahead}.")
+    if lookahead > 0 and source_head.enabled(config):
+        raise ValueError("train.lookahead_scale > 0 with a source head (train.source_loss_weight > 0) "
+                         "is not implemented; set one of them to 0.")
+
+    def lookahead_grads(state: TrainState, batch):
+        """Cross-source lookahead (first-order MLDG, Li et al. 2018): the gradient of the even
+        tasks (source A, ``TaskSampler(paired_sources=True)``) at the parameters, and of the odd
+        tasks (source B) at the parameters moved ``lookahead_scale`` optimiser steps along A's
+        gradient, averaged. Fit to A that costs B is penalised: to first order the pair's
+        gradient adds ``lookahead_scale x lr x`` the gradient of A's and B's gradient alignment
+        (the argument of Fish, Shi et al. 2022). The optimiser state is not advanced by the
+        lookahead, only by the real update."""
+        num_tasks = jax.tree.leaves(batch)[0].shape[0]
+        devices = 1 if mesh is None else mesh.size
+        if num_tasks % (2 * devices):
+            raise ValueError(f"train.lookahead_scale > 0 splits each batch into two halves of tasks "
+                             f"(one source each) sharded over {devices} device(s): "
+                             f"data.tasks_per_batch={num_tasks} must be a multiple of {2 * devices}.")
+        inner, outer = (jax.tree.map(lambda x: x[half::2], batch) for half in (0, 1))
+        (inner_loss, inner_aux), inner_grads = grad_fn(state.params, inner)
+        step_updates, _ = optimizer.update(inner_grads, state.opt_state, state.params)
+        ahead = jax.tree.map(lambda p, u: p + lookahead * u, state.params, step_updates)
+        (ahead_loss, ahead_aux), ahead_grads = grad_fn(ahead, outer)
+        grads = jax.tree.map(lambda a, b: (a + b) / 2, inner_grads, ahead_grads)
+        aux = jax.tree.map(lambda a, b: (a + b) / 2, inner_aux, ahead_aux)
+        aux = {**aux, "inner_loss": inner_loss, "lookahead_loss": ahead_loss}
+        return ((inner_loss + ahead_loss) / 2, aux), grads
+
     def train_step(state: TrainState, batch):
         head = state.source_head
         source_grad_scale = source_head.hypernet_gradient_scale(config, state.step)
-        (loss, aux), grads = grad_fn(state.params, batch, head, source_grad_scale)
+        if lookahead > 0:
+            (loss, aux), grads = lookahead_grads(state, batch)
+        else:
+            (loss, aux), grads = grad_fn(state.params, batch, head, source_grad_scale)
         head_grads = None
         if head is not None:
             grads, head_grads = grads
@@ -294,6 +331,7 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
                             seed=config.seed * 1000, augment=d.augment, task_offset=offset,
                             cross_source_prob=d.get("cross_source_prob", 0.0),
                             source_labels=source_head.enabled(config),
+                            paired_sources=config.train.get("lookahead_scale", 0.0) > 0,
                             **source_head.sampler_options(config))
 
 

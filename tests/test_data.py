@@ -483,6 +483,31 @@ def test_cross_source_prob_mixes_task_kinds_and_rejects_bad_values():
         data.TaskSampler(pools[:1], 2, 1, 1, 1, 0, cross_source_prob=0.5)
 
 
+def test_paired_sources_put_even_and_odd_tasks_on_two_distinct_pools():
+    """paired_sources: each batch's even tasks share one pool, its odd tasks another; the pair
+    varies over steps, covers every ordered pair, and a process's slice (task_offset) draws the
+    same tasks as the whole batch does. Refused for one pool, a zero-weight pair, cross-source."""
+    names = ('cifar10', 'gtsrb', 'fashion_mnist')
+    pools = [data.ClassPool(_fake_prepared(4, 6, name=n), (0, 1, 2, 3)) for n in names]
+    whole = data.TaskSampler(pools, 3, 2, 2, tasks_per_batch=4, seed=5, paired_sources=True)
+    pairs = set()
+    for step in range(30):
+        tasks = [name for name, _ in whole.task_classes(step)]
+        assert tasks[0] == tasks[2] != tasks[1] == tasks[3], tasks
+        pairs.add((tasks[0], tasks[1]))
+    assert len(pairs) == 6  # every ordered pair of the 3 pools
+    half = data.TaskSampler(pools, 3, 2, 2, tasks_per_batch=2, seed=5, paired_sources=True,
+                            task_offset=2)
+    np.testing.assert_array_equal(half.batch(3)['query']['image'], whole.batch(3)['query']['image'][2:])
+    unpaired = data.TaskSampler(pools, 3, 2, 2, tasks_per_batch=4, seed=5)
+    assert any(len({n for n, _ in unpaired.task_classes(s)[::2]}) > 1 for s in range(10))
+    for bad in (dict(pools=pools[:1]), dict(pools=pools, dataset_weights=[1, 0, 0]),
+                dict(pools=pools, cross_source_prob=0.5)):
+        with pytest.raises(ValueError, match='paired_sources needs'):
+            data.TaskSampler(way=3, shots=2, queries=2, tasks_per_batch=2, seed=0,
+                             paired_sources=True, **bad)
+
+
 @pytest.mark.parametrize('cross_source_prob', [0.0, 0.5])
 def test_source_labels_name_one_pooled_class_whatever_the_task(cross_source_prob):
     """'source_label': one id per (pool, class, rotation) over all pools, the same in every task;

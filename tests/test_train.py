@@ -314,6 +314,62 @@ def test_leave_one_source_out_validation(tiny_config):
         Validator(intra, TaskEvaluator(intra))
 
 
+def test_cross_source_lookahead_step(tiny_config):
+    """train.lookahead_scale: the sampler pairs two sources per batch; the step's gradient is the
+    mean of the even tasks' gradient at the parameters and the odd tasks' after `scale` optimiser
+    steps along the first. At a vanishing scale it is the plain step on the same batch; at a large
+    one the odd tasks are scored away from the parameters, and the step on a 2-device mesh equals
+    the one-device step. A batch that does not split over the mesh is refused."""
+    from configs.inter import get_config
+
+    config = get_config()
+    for field in ("encoder_widths", "feature_dim", "sketch_dim", "hidden_dim", "code_rank"):
+        config.hyper[field] = tiny_config.hyper[field]
+    config.data.way = config.data.min_way = config.model.num_classes = 5
+    config.data.shots, config.data.queries, config.data.tasks_per_batch = 2, 2, 4
+    config.train.warmup_steps, config.train.num_steps = 1, 10
+    config.train.lookahead_scale = 1e-6
+    sampler = make_sampler(config)
+    names = [name for name, _ in sampler.task_classes(1)]
+    assert names[0] == names[2] != names[1] == names[3]
+    batch = jax.tree.map(np.asarray, sampler.batch(1))
+    plain_config = copy.deepcopy(config)
+    plain_config.train.lookahead_scale = 0.0
+    plain_step = jax.jit(make_train_step(plain_config))
+    state, _ = plain_step(create_train_state(config, jax.random.key(0)), batch)  # lr 0: moments only
+    plain, plain_metrics = plain_step(state, batch)
+    tiny, tiny_metrics = jax.jit(make_train_step(config))(state, batch)
+    # Adam divides by the gradient's size, so a wrong scale shows in grad_norm, not in the params.
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(tiny_metrics[key], plain_metrics[key], rtol=1e-4)
+    grad_fn = jax.jit(make_grad_fn(config))
+    (even_loss, _), _ = grad_fn(state.params, jax.tree.map(lambda x: x[0::2], batch))
+    (odd_loss, _), _ = grad_fn(state.params, jax.tree.map(lambda x: x[1::2], batch))
+    np.testing.assert_allclose(tiny_metrics["inner_loss"], even_loss, rtol=1e-5)
+    np.testing.assert_allclose(tiny_metrics["lookahead_loss"], odd_loss, rtol=1e-4)
+    moved = optax.tree.norm(jax.tree.map(lambda a, b: a - b, plain.params, state.params))
+    gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, tiny.params, plain.params))
+    assert moved > 0 and gap < 1e-2 * moved, (gap, moved)  # float noise, amplified by Adam
+
+    config.train.lookahead_scale = 100.0
+    far, far_metrics = jax.jit(make_train_step(config))(state, batch)
+    assert abs(float(far_metrics["lookahead_loss"]) - float(odd_loss)) > 5e-2 * float(odd_loss)
+    np.testing.assert_allclose(far_metrics["loss"], (far_metrics["inner_loss"] + far_metrics["lookahead_loss"]) / 2,
+                               rtol=1e-6)
+    far_gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, far.params, plain.params))
+    assert far_gap > 1e-2 * moved, (far_gap, moved)
+
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    sharded, sharded_metrics = jit_train_step(config, mesh)(
+        jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
+    np.testing.assert_allclose(sharded_metrics["lookahead_loss"], far_metrics["lookahead_loss"], rtol=5e-3)
+    sharded_gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, jax.device_get(sharded.params), far.params))
+    # Float noise through 100 Adam-sized steps: ~1% of what the lookahead itself changes.
+    assert sharded_gap < 5e-2 * far_gap, (sharded_gap, far_gap)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        jax.jit(make_train_step(config, parallel.make_mesh(jax.devices()))).lower(state, batch)
+
+
 def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     """Killed at step 2 and resumed: the same parameters bit for bit, the source head and every
     optimiser state included (the run trains with the auxiliary source loss, so all of the

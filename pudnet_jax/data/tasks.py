@@ -157,6 +157,8 @@ class _TaskPlan:
 
 
 CROSS_SOURCE = -1  # _TaskPlan.pool of a task whose classes come from several pools
+# Third seed word of a batch's pool-pair draw (paired_sources); task streams use 0..T-1 there.
+PAIR_STREAM = 2**32 - 1
 
 
 class TaskSampler:
@@ -187,6 +189,13 @@ class TaskSampler:
     `max_way * shots` rows and the missing ones are padding (mask False). A cross-source task
     takes the smallest cap of its pools. Pools that hold `shots` draw exactly the tasks they
     draw without the cap.
+
+    `paired_sources=True` (several pools, no cross-source tasks): every batch takes two distinct
+    pools A and B, drawn by `dataset_weights` from `default_rng([seed, step, PAIR_STREAM])` (so
+    every process of a run agrees on them), and task t of the global stream comes from A when t
+    is even, from B when it is odd. The cross-source lookahead step (`pudnet_jax.train`, the
+    `train.lookahead_scale` config) steps on the even tasks and scores the odd ones: a source
+    the step never saw.
     """
 
     def __init__(self, pools: Sequence[ClassPool], way: int | tuple[int, int], shots: int,
@@ -194,7 +203,8 @@ class TaskSampler:
                  dataset_weights: Sequence[float] | Mapping[str, float] | None = None,
                  task_offset: int = 0, cross_source_prob: float = 0.0, source_labels: bool = False,
                  source_label_datasets: Sequence[str] | None = None,
-                 source_label_upright: bool = False, cap_shots: bool = False):
+                 source_label_upright: bool = False, cap_shots: bool = False,
+                 paired_sources: bool = False):
         if not pools:
             raise ValueError('TaskSampler needs at least one ClassPool')
         self.pools = tuple(pools)
@@ -236,6 +246,12 @@ class TaskSampler:
             raise ValueError('cross_source_prob > 0 needs at least two pools (the inter setting); '
                              f'got one pool ({self.pools[0].name})')
         self.cross_source_prob = float(cross_source_prob)
+        if paired_sources and (len(self.pools) < 2 or self.cross_source_prob > 0
+                               or np.count_nonzero(self.weights) < 2):
+            raise ValueError('paired_sources needs two or more pools with a positive weight and no '
+                             f'cross-source tasks; got pools {[p.name for p in self.pools]}, weights '
+                             f'{self.weights.tolist()}, cross_source_prob {self.cross_source_prob}')
+        self.paired_sources = bool(paired_sources)
         self.source_labels = bool(source_labels)
         names = [p.name for p in self.pools]
         if source_label_datasets is not None:
@@ -290,10 +306,22 @@ class TaskSampler:
     def num_query(self) -> int:
         return self.max_way * self.queries
 
-    def _plan(self, rng: np.random.Generator) -> _TaskPlan:
-        if self.cross_source_prob > 0 and rng.random() < self.cross_source_prob:
+    def _paired_pool(self, step: int, task: int) -> int | None:
+        """paired_sources: the pool of task `task` (global index) of batch `step`; else None."""
+        if not self.paired_sources:
+            return None
+        rng = np.random.default_rng([self.seed, int(step), PAIR_STREAM])
+        first = int(rng.choice(len(self.pools), p=self.weights))
+        others = np.where(np.arange(len(self.pools)) == first, 0.0, self.weights)
+        second = int(rng.choice(len(self.pools), p=others / others.sum()))
+        return (first, second)[task % 2]
+
+    def _plan(self, rng: np.random.Generator, pool_index: int | None = None) -> _TaskPlan:
+        """One task's draw; ``pool_index`` forces its pool (paired_sources)."""
+        if pool_index is None and self.cross_source_prob > 0 and rng.random() < self.cross_source_prob:
             return self._cross_source_plan(rng)
-        pool_index = int(rng.choice(len(self.pools), p=self.weights))
+        if pool_index is None:
+            pool_index = int(rng.choice(len(self.pools), p=self.weights))
         pool = self.pools[pool_index]
         k = min(int(rng.integers(self.min_way, self.max_way + 1)), pool.num_classes)
         shots = self.pool_shots[pool_index]
@@ -341,7 +369,8 @@ class TaskSampler:
     def task_classes(self, step: int) -> list[tuple[str, tuple[int, ...]]]:
         """(dataset name, original class ids in label order) of each task of batch `step`; a
         cross-source task's name joins its pools' names with '+' (e.g. 'gtsrb+omniglot')."""
-        plans = [self._plan(self._rng(step, t)) for t in range(self.tasks_per_batch)]
+        plans = [self._plan(self._rng(step, t), self._paired_pool(step, self.task_offset + t))
+                 for t in range(self.tasks_per_batch)]
         return [(self._task_name(p), tuple(int(c) for c in p.classes)) for p in plans]
 
     def _rng(self, step: int, task: int) -> np.random.Generator:
@@ -365,7 +394,7 @@ class TaskSampler:
         info = []
         for t in range(t_count):
             rng = self._rng(step, t)
-            plan = self._plan(rng)
+            plan = self._plan(rng, self._paired_pool(step, self.task_offset + t))
             for part, idx, per_class in (('support', plan.support, plan.shots),
                                          ('query', plan.query, self.queries)):
                 images = self._task_images(plan, idx, per_class, rng)
