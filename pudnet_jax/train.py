@@ -323,6 +323,10 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
                          f"model.num_classes is {config.model.num_classes}; set model.num_classes "
                          f">= {max_way}.")
     way = (d.min_way, max_way) if d.min_way else max_way
+    paired = config.train.get("lookahead_scale", 0.0) > 0
+    if paired and len(pools) < 2:
+        raise ValueError(f"train.lookahead_scale > 0 pairs two meta-training sources per batch; this "
+                         f"run has one ({pools[0].name}): use the inter setting with >= 2 sources.")
     offset, tasks = (distributed.process_task_range(d.tasks_per_batch) if process_share
                      else (0, d.tasks_per_batch))
     train_shots = d.get("train_shots", 0)
@@ -331,7 +335,7 @@ def make_sampler(config, process_share: bool = True) -> data.TaskSampler:
                             seed=config.seed * 1000, augment=d.augment, task_offset=offset,
                             cross_source_prob=d.get("cross_source_prob", 0.0),
                             source_labels=source_head.enabled(config),
-                            paired_sources=config.train.get("lookahead_scale", 0.0) > 0,
+                            paired_sources=paired,
                             **source_head.sampler_options(config))
 
 

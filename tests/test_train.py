@@ -319,7 +319,7 @@ def test_cross_source_lookahead_step(tiny_config):
     mean of the even tasks' gradient at the parameters and the odd tasks' after `scale` optimiser
     steps along the first. At a vanishing scale it is the plain step on the same batch; at a large
     one the odd tasks are scored away from the parameters, and the step on a 2-device mesh equals
-    the one-device step. A batch that does not split over the mesh is refused."""
+    the one-device step. A batch that does not split over the mesh, or a run with one source, is refused."""
     from configs.inter import get_config
 
     config = get_config()
@@ -366,6 +366,10 @@ def test_cross_source_lookahead_step(tiny_config):
     sharded_gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, jax.device_get(sharded.params), far.params))
     # Float noise through 100 Adam-sized steps: ~1% of what the lookahead itself changes.
     assert sharded_gap < 5e-2 * far_gap, (sharded_gap, far_gap)
+    intra = _small_run_config(tiny_config)
+    intra.train.lookahead_scale = 10.0
+    with pytest.raises(ValueError, match="one \\(omniglot\\)"):
+        make_sampler(intra)
     with pytest.raises(ValueError, match="multiple of 8"):
         jax.jit(make_train_step(config, parallel.make_mesh(jax.devices()))).lower(state, batch)
 

@@ -1,0 +1,86 @@
+"""Session 27, round 5: the rule's figures from the committed comparisons (run from the repo root).
+
+  python results/lookahead_s27/summary.py > results/lookahead_s27/summary.txt
+
+L (cross-source lookahead, seeds 0-2): this session's comparison. N (shipped recipe, seeds 0-2) and
+the closed-form discriminant network: round 4's committed files (same 10 GTSRB tasks, task seeds
+1-10; per-task scores pair across invocations because the tasks are fixed by their seeds).
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+RESULTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(RESULTS))
+
+from pudnet_jax.evaluate import mean_and_ci95, t_quantile_975  # noqa: E402
+
+
+def load(*parts):
+    with open(os.path.join(RESULTS, *parts)) as f:
+        return json.load(f)
+
+
+def run_name(row):
+    return row["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]
+
+
+def mean_ci(values):
+    """'mean ± half-width of the 95% Student-t interval', in points."""
+    stats = mean_and_ci95(values)
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['ci95']:.2f}"
+
+
+def welch(a, b):
+    """mean(a) - mean(b) and the half-width of its Welch 95% interval (degrees of freedom rounded
+    down: a slightly wider interval than the exact one)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return a.mean() - b.mean(), t_quantile_975(max(1, math.floor(dof))) * math.sqrt(va + vb)
+
+
+per_task = {}
+seed0 = load("compare_predictors", "inter_s25_round3_gtsrb", "compare.json")["rows"]
+per_task[("N", 0)] = seed0[0]["per_task"]
+round4 = {run_name(row): row for row in load("compare_predictors", "inter_s26_round4_gtsrb_n", "compare.json")["rows"]}
+for s in (1, 2):
+    per_task[("N", s)] = round4[f"inter_s26_loso_gtsrb_disc_seed{s}"]["per_task"]
+round5 = {run_name(row): row for row in load("compare_predictors", "inter_s27_round5_gtsrb_l", "compare.json")["rows"]}
+for s in (0, 1, 2):
+    per_task[("L", s)] = round5[f"inter_s27_lookahead_gtsrb_seed{s}"]["per_task"]
+probe = load("construction_probe", "loso_gtsrb_s26_10tasks", "probe.json")["splits"]["source"]["rows"]
+closed = np.asarray(probe["discriminant"]["per_task"])
+assert all(len(v) == 10 for v in per_task.values()) and len(closed) == 10
+
+print("GTSRB fold, 10 whole-dataset GTSRB tasks (task seeds 1-10), predictors at data_layers_residual_scale=0")
+print(f"closed-form discriminant network (no meta-training): {mean_ci(closed)}")
+means = {key: float(np.mean(v)) for key, v in per_task.items()}
+vs_closed = []
+for s in (0, 1, 2):
+    n, l = np.asarray(per_task[("N", s)]), np.asarray(per_task[("L", s)])
+    vs_closed.append(means[("L", s)] - closed.mean())
+    print(f"seed {s}: L {mean_ci(l)}  N {mean_ci(n)}  L - N (same seed, paired over tasks) {mean_ci(l - n)}"
+          f"  L - closed form {mean_ci(l - closed)}")
+l_means, n_means = [means[("L", s)] for s in range(3)], [means[("N", s)] for s in range(3)]
+diff, half = welch(l_means, n_means)
+print(f"over seeds: L {mean_ci(l_means)}  N {mean_ci(n_means)} (t, n=3 each);"
+      f" L - N {100 * diff:+.2f} ± {100 * half:.2f} (Welch 95%)")
+
+premise = all(x > 0 for x in vs_closed)
+print(f"Rule 1: L_s - closed form = {', '.join('%+.2f' % (100 * x) for x in vs_closed)} -> "
+      + ("L beats the closed form on every seed" if premise else "not established for L either"))
+if diff - half > 0:
+    better = "L is better than N over seeds"
+elif diff + half < 0:
+    better = "L is worse than N over seeds"
+else:
+    better = "the fold does not separate L and N over seeds"
+print(f"Rule 2: {better}")
+ship = premise and diff - half > 0
+print("Rule 3: " + ("L replaces the shipped recipe (all-sources run next)" if ship
+                    else "the shipped predictor stays"))
