@@ -29,10 +29,10 @@ def run_name(row):
     return row["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]
 
 
-def mean_ci(values):
-    """'mean ± half-width of the 95% Student-t interval', in points."""
+def mean_ci(values, sign=""):
+    """'mean ± half-width of the 95% Student-t interval', in points (sign='+': signed mean)."""
     stats = mean_and_ci95(values)
-    return f"{100 * stats['mean']:.2f} ± {100 * stats['ci95']:.2f}"
+    return f"{100 * stats['mean']:{sign}.2f} ± {100 * stats['ci95']:.2f}"
 
 
 def welch(a, b):
@@ -64,8 +64,8 @@ vs_closed = []
 for s in (0, 1, 2):
     n, l = np.asarray(per_task[("N", s)]), np.asarray(per_task[("L", s)])
     vs_closed.append(means[("L", s)] - closed.mean())
-    print(f"seed {s}: L {mean_ci(l)}  N {mean_ci(n)}  L - N (same seed, paired over tasks) {mean_ci(l - n)}"
-          f"  L - closed form {mean_ci(l - closed)}")
+    print(f"seed {s}: L {mean_ci(l)}  N {mean_ci(n)}  L - N (same seed, paired over tasks) {mean_ci(l - n, '+')}"
+          f"  L - closed form {mean_ci(l - closed, '+')}")
 l_means, n_means = [means[("L", s)] for s in range(3)], [means[("N", s)] for s in range(3)]
 diff, half = welch(l_means, n_means)
 print(f"over seeds: L {mean_ci(l_means)}  N {mean_ci(n_means)} (t, n=3 each);"
