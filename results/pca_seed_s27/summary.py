@@ -1,0 +1,49 @@
+"""Session 27, round 6: C (free principal head, as used) seed 1 against N (shipped recipe, scale 0)
+seeds 0-2 on the GTSRB fold (run from the repo root; rule: decision_rule.md).
+
+  python results/pca_seed_s27/summary.py > results/pca_seed_s27/summary.txt
+
+C seed 0: session 25's round-1 comparison (5 tasks, task seeds 1-5). N: round 3 (seed 0) and round 4
+(seeds 1-2), 10 tasks. C seed 1: this session's comparison, 10 tasks. Tasks are fixed by their seeds,
+so the first 5 of every 10-task comparison are round 2's 5 tasks.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+RESULTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(RESULTS))
+
+from pudnet_jax.evaluate import mean_and_ci95  # noqa: E402
+
+
+def rows(name):
+    with open(os.path.join(RESULTS, "compare_predictors", name, "compare.json")) as f:
+        return {r["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]: r["per_task"]
+                for r in json.load(f)["rows"]}
+
+
+def mean_ci(values):
+    stats = mean_and_ci95(values)
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['ci95']:.2f}"
+
+
+round3, round4 = rows("inter_s25_round3_gtsrb"), rows("inter_s26_round4_gtsrb_n")
+n = {0: round3["inter_s25_loso_gtsrb_disc"], 1: round4["inter_s26_loso_gtsrb_disc_seed1"],
+     2: round4["inter_s26_loso_gtsrb_disc_seed2"]}
+c = {0: rows("inter_s25_loso_gtsrb_decision")["inter_s25_loso_gtsrb_pca"],
+     1: rows("inter_s27_round6_gtsrb_c")["inter_s27_loso_gtsrb_pca_seed1"]}
+assert len(c[0]) == 5 and len(c[1]) == 10 and all(len(v) == 10 for v in n.values())
+
+print("GTSRB fold; C as used (pca_residual, scale 0.25), N at data_layers_residual_scale=0")
+for s, v in c.items():
+    print(f"C seed {s}: tasks 1-5 {mean_ci(v[:5])}" + (f"; tasks 1-10 {mean_ci(v)}" if len(v) == 10 else ""))
+for s, v in n.items():
+    print(f"N seed {s}: tasks 1-5 {mean_ci(v[:5])}; tasks 1-10 {mean_ci(v)}")
+c1, n_min = float(np.mean(c[1][:5])), min(float(np.mean(v[:5])) for v in n.values())
+verdict = ("round 2's verdict holds on a second seed of C (seed 2 still to run)" if c1 < n_min
+           else "round 2's verdict is in doubt")
+print(f"Rule: C_1 (tasks 1-5) {100 * c1:.2f} vs min_s N_s {100 * n_min:.2f} -> {verdict}")
