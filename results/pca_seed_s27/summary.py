@@ -20,10 +20,14 @@ sys.path.insert(0, os.path.dirname(RESULTS))
 from pudnet_jax.evaluate import mean_and_ci95  # noqa: E402
 
 
-def rows(name):
+def row(name, run, variant=""):
+    """Per-task scores of `run` (with `variant`, '' for as used) in comparison `name`."""
     with open(os.path.join(RESULTS, "compare_predictors", name, "compare.json")) as f:
-        return {r["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]: r["per_task"]
-                for r in json.load(f)["rows"]}
+        for r in json.load(f)["rows"]:
+            path, _, got = r["checkpoint"].partition(" @ ")
+            if path.rstrip("/").split("/")[-1] == run and got == variant:
+                return r["per_task"]
+    raise KeyError(f"{run} @ {variant!r} not in {name}")
 
 
 def mean_ci(values):
@@ -31,11 +35,12 @@ def mean_ci(values):
     return f"{100 * stats['mean']:.2f} ± {100 * stats['ci95']:.2f}"
 
 
-round3, round4 = rows("inter_s25_round3_gtsrb"), rows("inter_s26_round4_gtsrb_n")
-n = {0: round3["inter_s25_loso_gtsrb_disc"], 1: round4["inter_s26_loso_gtsrb_disc_seed1"],
-     2: round4["inter_s26_loso_gtsrb_disc_seed2"]}
-c = {0: rows("inter_s25_loso_gtsrb_decision")["inter_s25_loso_gtsrb_pca"],
-     1: rows("inter_s27_round6_gtsrb_c")["inter_s27_loso_gtsrb_pca_seed1"]}
+scale0 = "data_layers_residual_scale=0"
+n = {0: row("inter_s25_round3_gtsrb", "inter_s25_loso_gtsrb_disc", scale0),
+     1: row("inter_s26_round4_gtsrb_n", "inter_s26_loso_gtsrb_disc_seed1", scale0),
+     2: row("inter_s26_round4_gtsrb_n", "inter_s26_loso_gtsrb_disc_seed2", scale0)}
+c = {0: row("inter_s25_loso_gtsrb_decision", "inter_s25_loso_gtsrb_pca"),
+     1: row("inter_s27_round6_gtsrb_c", "inter_s27_loso_gtsrb_pca_seed1")}
 assert len(c[0]) == 5 and len(c[1]) == 10 and all(len(v) == 10 for v in n.values())
 
 print("GTSRB fold; C as used (pca_residual, scale 0.25), N at data_layers_residual_scale=0")
