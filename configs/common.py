@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
     # size relative to the data-derived filters. Off, the head's gain is free and meta-training
     # grows it until the data-derived directions are ~1% of the kernel (RESULTS.md, session 24).
     c.hyper.data_layers_normalized_residual = False
+    # Weight of the head's predicted BatchNorm offsets: scale = 1 + w * a(h), bias = w * b(h).
+    # 1 uses them as meta-trained; 0 leaves every BatchNorm at (1, 0), which with the data layers at
+    # residual scale 0 is the closed-form network of pudnet_jax/pca_backbone.py (an inference dial:
+    # the parameters do not depend on it; compare_predictors --variants scores it).
+    c.hyper.batchnorm_residual_scale = 1.0
 
     c.data = ml_collections.ConfigDict()
     c.data.setting = "intra"  # intra | inter

@@ -53,10 +53,11 @@ from pudnet_jax.train import machine_description
 
 
 # hyper fields predict reads at inference without changing the parameter tree: the data-derived
-# layers, their patch stride and residual weight, mirroring, the classifier read-out and its ridge
-# strength. (encoder_downsample also qualifies; it has its own flag.)
+# layers, their patch stride and residual weight, the predicted BatchNorm offsets' weight,
+# mirroring, the classifier read-out and its ridge strength. (encoder_downsample also qualifies; it
+# has its own flag.)
 VARIANT_FIELDS = ("data_layers", "data_layers_patch_stride", "data_layers_residual_scale",
-                  "data_layers_normalized_residual",
+                  "data_layers_normalized_residual", "batchnorm_residual_scale",
                   "mirror_support", "classifier", "ridge_lambda", "encoder_downsample")
 
 

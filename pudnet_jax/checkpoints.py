@@ -56,6 +56,8 @@ def upgrade_legacy_config(saved: dict) -> dict:
     - ``hyper.data_layers_patch_stride`` (session 21): absent means 1 (every patch position).
     - ``hyper.data_layers_residual_scale`` (session 21): absent means 0.25 (the constant before).
     - ``hyper.data_layers_normalized_residual`` (session 24): absent means False (free head gain).
+    - ``hyper.batchnorm_residual_scale`` (session 28): absent means 1 (the predicted BatchNorm
+      offsets as they are).
     - ``train.source_loss_weight`` / ``source_head_learning_rate`` / ``num_source_classes``
       (session 12): absent means no source head.
     - ``train.source_head_datasets`` / ``source_head_upright_only`` (session 15): absent means
@@ -74,6 +76,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
         hyper.setdefault("data_layers_patch_stride", 1)
         hyper.setdefault("data_layers_residual_scale", RESIDUAL_SCALE)
         hyper.setdefault("data_layers_normalized_residual", False)
+        hyper.setdefault("batchnorm_residual_scale", 1.0)
     train = saved.get("train", {})
     if train:
         train.setdefault("source_loss_weight", 0.0)

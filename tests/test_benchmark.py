@@ -365,6 +365,7 @@ def test_compare_predictors_is_paired_on_meta_val_tasks(hyper, tmp_path):
     variants = parse_variants("none;classifier=ridge,ridge_lambda=0.5")
     assert variants == [{}, {"classifier": "ridge", "ridge_lambda": "0.5"}]
     assert apply_overrides(c, variants[1]).hyper.ridge_lambda == 0.5
+    assert apply_overrides(c, {"batchnorm_residual_scale": "0"}).hyper.batchnorm_residual_scale == 0.0
     rows = compare([first], num_val_tasks=2, variants=variants)["rows"]
     assert rows[0]["per_task"] == a["per_task"] and rows[0]["overrides"] == {}
     assert rows[1]["checkpoint"].endswith("@ classifier=ridge @ ridge_lambda=0.5")

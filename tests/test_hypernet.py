@@ -220,3 +220,47 @@ def test_mirror_support_predicts_from_the_batch_plus_its_mirror_images(tiny_conf
     loose["hyper"]["mirror_support"] = "yes"
     with pytest.raises(ValueError, match="mirror_support"):
         make_predict_fn(ml_collections.ConfigDict(loose))
+
+
+def _bn_nodes(tree):
+    """Every BatchNorm node (a dict holding exactly ``scale`` and ``bias``) of a params tree."""
+    if set(tree) == {"scale", "bias"}:
+        return [tree]
+    return [node for value in tree.values() if isinstance(value, dict) for node in _bn_nodes(value)]
+
+
+def test_batchnorm_residual_scale_weighs_the_predicted_offsets(tiny_config):
+    """hyper.batchnorm_residual_scale = w: every predicted BatchNorm is (1 + w a, w b) for the
+    offsets (a, b) predicted at w = 1, conv kernels untouched; w = 0 is the standard (1, 0) in
+    every layer; a negative or non-finite weight is refused. (Trained-looking offsets: the
+    decoders are zero at init, so they are drawn at random here.)"""
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(0))
+    head = dict(hyper_params["params"]["head"])
+    for i, name in enumerate(("bn_scale_decoder", "bn_bias_decoder")):
+        kernel = head[name]["kernel"]
+        head[name] = {**head[name], "kernel": jax.random.normal(jax.random.key(10 + i), kernel.shape)}
+    hyper_params = {**hyper_params, "params": {**hyper_params["params"], "head": head}}
+    batch = _batch(20, 5)
+
+    def predicted(weight):
+        tiny_config.hyper.batchnorm_residual_scale = weight
+        return jax.jit(make_predict_fn(tiny_config))(hyper_params, batch)["params"]
+
+    full, half, none = predicted(1.0), predicted(0.5), predicted(0.0)
+    offsets = [(np.asarray(n["scale"]) - 1.0, np.asarray(n["bias"])) for n in _bn_nodes(full)]
+    # resnet8: the stem's BatchNorm, two per block (three blocks), two projection shortcuts.
+    assert len(offsets) == 9 and min(np.abs(a).max() for a, _ in offsets) > 1e-2
+    for (a, b), h, z in zip(offsets, _bn_nodes(half), _bn_nodes(none)):
+        np.testing.assert_allclose(h["scale"], 1.0 + 0.5 * a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h["bias"], 0.5 * b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(z["scale"], np.ones_like(a))
+        np.testing.assert_array_equal(z["bias"], np.zeros_like(b))
+    for path, kernel in jax.tree_util.tree_leaves_with_path(full):
+        if path[-1].key == "kernel" and kernel.ndim == 4:
+            got = half
+            for key in path:
+                got = got[key.key]
+            np.testing.assert_array_equal(got, kernel, err_msg=jax.tree_util.keystr(path))
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="batchnorm_residual_scale"):
+            predicted(bad)

@@ -34,4 +34,5 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         data_layers_patch_stride=int(hyper.data_layers_patch_stride),
         data_layers_residual_scale=float(hyper.data_layers_residual_scale),
         data_layers_normalized_residual=bool(hyper.data_layers_normalized_residual),
+        batchnorm_residual_scale=float(hyper.batchnorm_residual_scale),
     )

@@ -55,11 +55,14 @@ class ParameterHead(nn.Module):
         classifier is built from class prototypes elsewhere).
       code_rank: ``r``, the width of the channel codes.
       max_channels: rows of the channel-code tables (the widest layer the head can generate).
+      batchnorm_residual_scale: weight of the generated BatchNorm offsets around (1, 0); an
+        inference dial (1: as trained, 0: the standard (1, 0)), the parameters do not depend on it.
     """
 
     specs: tuple[TensorSpec, ...]
     code_rank: int = 32
     max_channels: int = 512
+    batchnorm_residual_scale: float = 1.0
 
     @nn.compact
     def __call__(self, embeddings):
@@ -68,6 +71,9 @@ class ParameterHead(nn.Module):
         if widest > self.max_channels:
             raise ValueError(f"Target has a layer with {widest} channels but the head was built for "
                              f"max_channels={self.max_channels}; raise hyper.max_channels.")
+        if not (math.isfinite(self.batchnorm_residual_scale) and self.batchnorm_residual_scale >= 0):
+            raise ValueError("hyper.batchnorm_residual_scale weighs the predicted BatchNorm offsets "
+                             f"and must be finite and >= 0; got {self.batchnorm_residual_scale!r}.")
         r = self.code_rank
         codes = nn.initializers.normal(stddev=1.0)
         in_codes = self.param("in_codes", codes, (self.max_channels, r))
@@ -91,7 +97,8 @@ class ParameterHead(nn.Module):
                 set_path(params, s.path, kernel * (gains[n] * he_std / rms))
 
         # BatchNorm: scale = 1 + U_out a(h), bias = U_out b(h); zero-initialised decoders start at
-        # the standard (1, 0) and learn dataset-dependent offsets.
+        # the standard (1, 0) and learn dataset-dependent offsets (weighed by the dial, which shrinks
+        # them towards (1, 0) without touching the parameters).
         for kind, offset in (("bn_scale", 1.0), ("bn_bias", 0.0)):
             rows = [i for i, s in enumerate(self.specs) if s.kind == kind]
             if not rows:
@@ -100,5 +107,6 @@ class ParameterHead(nn.Module):
             coeffs = decoder(embeddings[jnp.array(rows)]) / math.sqrt(r)
             for n, i in enumerate(rows):
                 s = self.specs[i]
-                set_path(params, s.path, offset + out_codes[: s.c_out] @ coeffs[n])
+                set_path(params, s.path,
+                         offset + self.batchnorm_residual_scale * (out_codes[: s.c_out] @ coeffs[n]))
         return params

@@ -92,6 +92,8 @@ class PudNet(nn.Module):
         directions under the ``*_residual`` modes.
       data_layers_normalized_residual: the head's filters enter the ``*_residual`` modes at unit
         norm, so the scale bounds the correction relative to the data-derived filters.
+      batchnorm_residual_scale: weight of the head's predicted BatchNorm offsets around (1, 0)
+        (1: as meta-trained; 0: every BatchNorm at (1, 0)). No parameters.
     """
 
     target_name: str
@@ -113,6 +115,7 @@ class PudNet(nn.Module):
     data_layers_patch_stride: int = 1
     data_layers_residual_scale: float = DATA_LAYERS_RESIDUAL_SCALE
     data_layers_normalized_residual: bool = False
+    batchnorm_residual_scale: float = 1.0
 
     @nn.compact
     def __call__(self, images, labels, mask):
@@ -132,8 +135,8 @@ class PudNet(nn.Module):
             jnp.asarray(descriptor_features(specs)), sketch)
         body_specs = tuple(s for s in specs if not s.kind.startswith("dense"))
         body_rows = jnp.array([i for i, s in enumerate(specs) if not s.kind.startswith("dense")])
-        params = ParameterHead(body_specs, self.code_rank, self.max_channels, name="head")(
-            embeddings[body_rows])
+        params = ParameterHead(body_specs, self.code_rank, self.max_channels,
+                               self.batchnorm_residual_scale, name="head")(embeddings[body_rows])
         if self.stem_pca_components:
             stem = next(s for s in specs if s.kind == "conv")  # first conv in forward order
             set_path(params, stem.path, pca_stem_kernel(
