@@ -7,42 +7,13 @@ the closed-form discriminant network: round 4's committed files (same 10 GTSRB t
 1-10; per-task scores pair across invocations because the tasks are fixed by their seeds).
 """
 
-import json
-import math
 import os
 import sys
 
 import numpy as np
 
-RESULTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(RESULTS))
-
-from pudnet_jax.evaluate import mean_and_ci95, t_quantile_975  # noqa: E402
-
-
-def load(*parts):
-    with open(os.path.join(RESULTS, *parts)) as f:
-        return json.load(f)
-
-
-def run_name(row):
-    return row["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]
-
-
-def mean_ci(values, sign=""):
-    """'mean ± half-width of the 95% Student-t interval', in points (sign='+': signed mean)."""
-    stats = mean_and_ci95(values)
-    return f"{100 * stats['mean']:{sign}.2f} ± {100 * stats['ci95']:.2f}"
-
-
-def welch(a, b):
-    """mean(a) - mean(b) and the half-width of its Welch 95% interval (degrees of freedom rounded
-    down: a slightly wider interval than the exact one)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return a.mean() - b.mean(), t_quantile_975(max(1, math.floor(dof))) * math.sqrt(va + vb)
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _rounds import closed_form_gtsrb_10_tasks, load, mean_ci, run_name, welch  # noqa: E402
 
 per_task = {}
 seed0 = load("compare_predictors", "inter_s25_round3_gtsrb", "compare.json")["rows"]
@@ -53,8 +24,7 @@ for s in (1, 2):
 round5 = {run_name(row): row for row in load("compare_predictors", "inter_s27_round5_gtsrb_l", "compare.json")["rows"]}
 for s in (0, 1, 2):
     per_task[("L", s)] = round5[f"inter_s27_lookahead_gtsrb_seed{s}"]["per_task"]
-probe = load("construction_probe", "loso_gtsrb_s26_10tasks", "probe.json")["splits"]["source"]["rows"]
-closed = np.asarray(probe["discriminant"]["per_task"])
+closed = closed_form_gtsrb_10_tasks()
 assert all(len(v) == 10 for v in per_task.values()) and len(closed) == 10
 
 print("GTSRB fold, 10 whole-dataset GTSRB tasks (task seeds 1-10), predictors at data_layers_residual_scale=0")

@@ -9,31 +9,16 @@ on the same tasks (its first 5 tasks must equal session 25's 5-task probe: a che
 are the same ones).
 """
 
-import json
 import os
 import sys
 
 import numpy as np
 
-RESULTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(RESULTS))
-
-from pudnet_jax.evaluate import mean_and_ci95  # noqa: E402  (Student-t, as every table)
-
-
-def load(*parts):
-    with open(os.path.join(RESULTS, *parts)) as f:
-        return json.load(f)
-
-
-def mean_ci(values):
-    """(mean, half-width of the 95% interval) in points."""
-    stats = mean_and_ci95(values)
-    return 100 * stats["mean"], 100 * stats["ci95"]
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _rounds import load, mean_ci, run_name  # noqa: E402  (results/_rounds.py)
 
 seed0 = load("compare_predictors", "inter_s25_round3_gtsrb", "compare.json")["rows"]
-new = {row["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]: row
+new = {run_name(row): row
        for name in ("inter_s26_round4_gtsrb_n", "inter_s26_round4_gtsrb_r")
        for row in load("compare_predictors", name, "compare.json")["rows"]}
 per_task = {("N", 0): seed0[0]["per_task"], ("R", 0): seed0[1]["per_task"]}
@@ -48,17 +33,17 @@ assert np.allclose(closed[:5], old_probe["discriminant"]["per_task"]), "the prob
 assert len(closed) == len(per_task[("N", 0)]) == 10
 
 print("GTSRB fold, 10 whole-dataset GTSRB tasks (task seeds 1-10), both recipes at data_layers_residual_scale=0")
-print(f"closed-form discriminant network (no meta-training): {'%.2f ± %.2f' % mean_ci(closed)}")
+print(f"closed-form discriminant network (no meta-training): {mean_ci(closed)}")
 d, vs_closed = [], []
 for s in (0, 1, 2):
     n, r = np.asarray(per_task[("N", s)]), np.asarray(per_task[("R", s)])
     d.append(np.mean(r - n))
     vs_closed.append(np.mean(n - np.asarray(closed)))
-    print(f"seed {s}: N {'%.2f ± %.2f' % mean_ci(n)}  R {'%.2f ± %.2f' % mean_ci(r)}"
-          f"  R - N {'%+.2f ± %.2f' % mean_ci(r - n)}  N - closed form {'%+.2f ± %.2f' % mean_ci(n - closed)}"
-          f"  R - closed form {'%+.2f ± %.2f' % mean_ci(r - closed)}")
-print(f"over the 3 seeds (t interval, n=3): R - N {'%+.2f ± %.2f' % mean_ci(d)};"
-      f" N - closed form {'%+.2f ± %.2f' % mean_ci(vs_closed)}")
+    print(f"seed {s}: N {mean_ci(n)}  R {mean_ci(r)}"
+          f"  R - N {mean_ci(r - n, '+')}  N - closed form {mean_ci(n - closed, '+')}"
+          f"  R - closed form {mean_ci(r - closed, '+')}")
+print(f"over the 3 seeds (t interval, n=3): R - N {mean_ci(d, '+')};"
+      f" N - closed form {mean_ci(vs_closed, '+')}")
 
 negative, positive = sum(x < 0 for x in d), sum(x > 0 for x in d)
 if negative >= 2:

@@ -8,32 +8,13 @@ C seed 0: session 25's round-1 comparison (5 tasks, task seeds 1-5). N: round 3 
 so the first 5 of every 10-task comparison are round 2's 5 tasks.
 """
 
-import json
 import os
 import sys
 
 import numpy as np
 
-RESULTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(RESULTS))
-
-from pudnet_jax.evaluate import mean_and_ci95  # noqa: E402
-
-
-def row(name, run, variant=""):
-    """Per-task scores of `run` (with `variant`, '' for as used) in comparison `name`."""
-    with open(os.path.join(RESULTS, "compare_predictors", name, "compare.json")) as f:
-        for r in json.load(f)["rows"]:
-            path, _, got = r["checkpoint"].partition(" @ ")
-            if path.rstrip("/").split("/")[-1] == run and got == variant:
-                return r["per_task"]
-    raise KeyError(f"{run} @ {variant!r} not in {name}")
-
-
-def mean_ci(values):
-    stats = mean_and_ci95(values)
-    return f"{100 * stats['mean']:.2f} ± {100 * stats['ci95']:.2f}"
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _rounds import mean_ci, row  # noqa: E402  (results/_rounds.py)
 
 scale0 = "data_layers_residual_scale=0"
 n = {0: row("inter_s25_round3_gtsrb", "inter_s25_loso_gtsrb_disc", scale0),

@@ -1,0 +1,64 @@
+"""Shared helpers of the decision rounds' summary scripts (``results/*/summary.py``).
+
+Each round's ``summary.py`` turns committed comparison files into the figures its
+``decision_rule.md`` asks for; this module holds what they all need: locating and reading those
+files, pairing per-task scores by run name, and formatting a mean with its 95% interval (Student's
+t, ``pudnet_jax.evaluate.mean_and_ci95``, as every table in RESULTS.md). A script imports it after
+putting ``results/`` on ``sys.path`` (scripts run from the repo root as ``python results/<round>/summary.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+RESULTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(RESULTS))
+
+from pudnet_jax.evaluate import mean_and_ci95, t_quantile_975  # noqa: E402
+
+
+def load(*parts):
+    """The JSON file at ``results/<parts...>``."""
+    with open(os.path.join(RESULTS, *parts)) as f:
+        return json.load(f)
+
+
+def run_name(row) -> str:
+    """The run directory's name of a ``compare.json`` row (``"runs/x @ variant"`` -> ``"x"``)."""
+    return row["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]
+
+
+def row(name: str, run: str, variant: str = ""):
+    """Per-task scores of ``run`` under ``variant`` ('' for as used; overrides joined by ' @ ', as
+    ``compare_predictors`` names its rows) in ``results/compare_predictors/<name>``."""
+    for r in load("compare_predictors", name, "compare.json")["rows"]:
+        got = r["checkpoint"].partition(" @ ")[2]
+        if run_name(r) == run and got == variant:
+            return r["per_task"]
+    raise KeyError(f"{run} @ {variant!r} not in {name}")
+
+
+def closed_form_gtsrb_10_tasks() -> np.ndarray:
+    """The closed-form discriminant network on round 4's 10 GTSRB tasks (task seeds 1-10)."""
+    probe = load("construction_probe", "loso_gtsrb_s26_10tasks", "probe.json")["splits"]["source"]["rows"]
+    return np.asarray(probe["discriminant"]["per_task"])
+
+
+def mean_ci(values, sign: str = "") -> str:
+    """'mean ± half-width of the 95% Student-t interval', in points (sign='+': signed mean)."""
+    stats = mean_and_ci95(values)
+    return f"{100 * stats['mean']:{sign}.2f} ± {100 * stats['ci95']:.2f}"
+
+
+def welch(a, b):
+    """mean(a) - mean(b) and the half-width of its Welch 95% interval (degrees of freedom rounded
+    down: a slightly wider interval than the exact one)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return a.mean() - b.mean(), t_quantile_975(max(1, math.floor(dof))) * math.sqrt(va + vb)
