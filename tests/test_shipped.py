@@ -84,3 +84,25 @@ def test_shipped_inter_predictor_takes_its_kernels_from_the_data_and_its_batchno
     assert not np.allclose(other["bn_init"]["scale"], shipped["bn_init"]["scale"])
     later = shipped["ResNetBlock_2"]["Conv_0"]["kernel"]
     assert not np.allclose(other["ResNetBlock_2"]["Conv_0"]["kernel"], later, atol=1e-5)
+
+
+def _round_summaries():
+    results = os.path.join(REPO, "results")
+    return sorted(name for name in os.listdir(results)
+                  if os.path.isfile(os.path.join(results, name, "summary.py"))
+                  and os.path.isfile(os.path.join(results, name, "summary.txt")))
+
+
+@pytest.mark.parametrize("name", _round_summaries())
+def test_committed_round_summary_is_what_its_script_prints(name):
+    """Every decision round's committed summary.txt is exactly what its summary.py prints from the
+    committed comparison files (RESULTS.md quotes these figures; a script or a file edited since
+    would make the quoted figures unreproducible)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(REPO, "results", name, "summary.py")
+    printed = subprocess.run([sys.executable, script], cwd=REPO, capture_output=True, text=True,
+                             check=True, timeout=120).stdout
+    with open(os.path.join(REPO, "results", name, "summary.txt"), encoding="utf-8") as f:
+        assert printed == f.read()
