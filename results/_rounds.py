@@ -43,6 +43,18 @@ def row(name: str, run: str, variant: str = ""):
     raise KeyError(f"{run} @ {variant!r} not in {name}")
 
 
+SCALE0 = "data_layers_residual_scale=0"
+
+
+def shipped_recipe_gtsrb_fold() -> dict:
+    """Per-task scores of the shipped inter recipe N on round 4's 10 GTSRB tasks (task seeds 1-10)
+    with GTSRB left out of meta-training, as used (conv corrections at 0), by meta-training seed:
+    seed 0 is session 25's run (round 3's comparison), seeds 1-2 session 26's (round 4's)."""
+    return {0: row("inter_s25_round3_gtsrb", "inter_s25_loso_gtsrb_disc", SCALE0),
+            1: row("inter_s26_round4_gtsrb_n", "inter_s26_loso_gtsrb_disc_seed1", SCALE0),
+            2: row("inter_s26_round4_gtsrb_n", "inter_s26_loso_gtsrb_disc_seed2", SCALE0)}
+
+
 def closed_form_gtsrb_10_tasks() -> np.ndarray:
     """The closed-form discriminant network on round 4's 10 GTSRB tasks (task seeds 1-10)."""
     probe = load("construction_probe", "loso_gtsrb_s26_10tasks", "probe.json")["splits"]["source"]["rows"]

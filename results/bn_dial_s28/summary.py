@@ -15,9 +15,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import closed_form_gtsrb_10_tasks, mean_ci, row  # noqa: E402  (results/_rounds.py)
+from _rounds import (SCALE0, closed_form_gtsrb_10_tasks, mean_ci, row,  # noqa: E402
+                     shipped_recipe_gtsrb_fold)
 
-SCALE0 = "data_layers_residual_scale=0"
 WEIGHTS = {1.0: SCALE0, 0.5: SCALE0 + " @ batchnorm_residual_scale=0.5",
            0.0: SCALE0 + " @ batchnorm_residual_scale=0"}
 RUNS = {"N": ("inter_s28_round8_gtsrb_n", ["inter_s28_loso_gtsrb_disc_seed0_rerun",
@@ -25,7 +25,7 @@ RUNS = {"N": ("inter_s28_round8_gtsrb_n", ["inter_s28_loso_gtsrb_disc_seed0_reru
         "L": ("inter_s28_round8_gtsrb_l", [f"inter_s27_lookahead_gtsrb_seed{s}" for s in range(3)])}
 
 closed = closed_form_gtsrb_10_tasks()
-session25_seed0 = np.asarray(row("inter_s25_round3_gtsrb", "inter_s25_loso_gtsrb_disc", SCALE0))
+session25_seed0 = np.asarray(shipped_recipe_gtsrb_fold()[0])
 print("GTSRB fold, 10 whole-dataset GTSRB tasks (task seeds 1-10), conv corrections at 0 (as used)")
 print(f"closed-form discriminant network (construction probe, no meta-training): {mean_ci(closed)}")
 scores = {}

@@ -13,14 +13,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import closed_form_gtsrb_10_tasks, load, mean_ci, run_name, welch  # noqa: E402
+from _rounds import (closed_form_gtsrb_10_tasks, load, mean_ci, run_name,  # noqa: E402
+                     shipped_recipe_gtsrb_fold, welch)
 
-per_task = {}
-seed0 = load("compare_predictors", "inter_s25_round3_gtsrb", "compare.json")["rows"]
-per_task[("N", 0)] = seed0[0]["per_task"]
-round4 = {run_name(row): row for row in load("compare_predictors", "inter_s26_round4_gtsrb_n", "compare.json")["rows"]}
-for s in (1, 2):
-    per_task[("N", s)] = round4[f"inter_s26_loso_gtsrb_disc_seed{s}"]["per_task"]
+per_task = {("N", s): v for s, v in shipped_recipe_gtsrb_fold().items()}
 round5 = {run_name(row): row for row in load("compare_predictors", "inter_s27_round5_gtsrb_l", "compare.json")["rows"]}
 for s in (0, 1, 2):
     per_task[("L", s)] = round5[f"inter_s27_lookahead_gtsrb_seed{s}"]["per_task"]

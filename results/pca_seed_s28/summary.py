@@ -14,12 +14,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import mean_ci, row, welch  # noqa: E402  (results/_rounds.py)
+from _rounds import mean_ci, row, shipped_recipe_gtsrb_fold, welch  # noqa: E402  (results/_rounds.py)
 
-scale0 = "data_layers_residual_scale=0"
-n = {0: row("inter_s25_round3_gtsrb", "inter_s25_loso_gtsrb_disc", scale0),
-     1: row("inter_s26_round4_gtsrb_n", "inter_s26_loso_gtsrb_disc_seed1", scale0),
-     2: row("inter_s26_round4_gtsrb_n", "inter_s26_loso_gtsrb_disc_seed2", scale0)}
+n = shipped_recipe_gtsrb_fold()
 c = {0: row("inter_s25_loso_gtsrb_decision", "inter_s25_loso_gtsrb_pca"),
      1: row("inter_s27_round6_gtsrb_c", "inter_s27_loso_gtsrb_pca_seed1"),
      2: row("inter_s28_round7_gtsrb_c", "inter_s28_loso_gtsrb_pca_seed2")}
