@@ -4,7 +4,7 @@ closed-form network) on the GTSRB fold (run from the repo root; rule: decision_r
   python results/bn_dial_s28/summary.py > results/bn_dial_s28/summary.txt
 
 N (shipped recipe): seed 0 re-run this session, seeds 1-2 from session 26; L (round 5's lookahead
-runs) reported beside. All rows: this session's two comparisons on round 4's 10 GTSRB tasks (task
+runs) reported beside. All rows: this session's comparisons on round 4's 10 GTSRB tasks (task
 seeds 1-10), conv corrections at 0 as used. Also: does the re-run reproduce session 25's seed 0,
 and do the w = 0 rows equal the committed closed-form probe on the same tasks?
 """
@@ -20,17 +20,19 @@ from _rounds import (SCALE0, closed_form_gtsrb_10_tasks, mean_ci, row,  # noqa: 
 
 WEIGHTS = {1.0: SCALE0, 0.5: SCALE0 + " @ batchnorm_residual_scale=0.5",
            0.0: SCALE0 + " @ batchnorm_residual_scale=0"}
-RUNS = {"N": ("inter_s28_round8_gtsrb_n", ["inter_s28_loso_gtsrb_disc_seed0_rerun",
-                                           "inter_s26_loso_gtsrb_disc_seed1", "inter_s26_loso_gtsrb_disc_seed2"]),
-        "L": ("inter_s28_round8_gtsrb_l", [f"inter_s27_lookahead_gtsrb_seed{s}" for s in range(3)])}
+# recipe -> [(comparison, run) for seeds 0, 1, 2]
+RUNS = {"N": [("inter_s28_round8_gtsrb_n0", "inter_s28_loso_gtsrb_disc_seed0_rerun"),
+              ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed1"),
+              ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed2")],
+        "L": [("inter_s28_round8_gtsrb_l", f"inter_s27_lookahead_gtsrb_seed{s}") for s in range(3)]}
 
 closed = closed_form_gtsrb_10_tasks()
 session25_seed0 = np.asarray(shipped_recipe_gtsrb_fold()[0])
 print("GTSRB fold, 10 whole-dataset GTSRB tasks (task seeds 1-10), conv corrections at 0 (as used)")
 print(f"closed-form discriminant network (construction probe, no meta-training): {mean_ci(closed)}")
 scores = {}
-for recipe, (comparison, runs) in RUNS.items():
-    for s, run in enumerate(runs):
+for recipe, seeds in RUNS.items():
+    for s, (comparison, run) in enumerate(seeds):
         for w, variant in WEIGHTS.items():
             scores[recipe, s, w] = np.asarray(row(comparison, run, variant))
 rerun = scores["N", 0, 1.0]
