@@ -10,10 +10,12 @@ import jax
 
 
 def machine_line(machine: dict) -> str:
-    """``train.machine_description()`` as the one line every report prints: CPU, CPU count, JAX
-    version and backend."""
-    return (f"{machine['cpu']} ({machine['cpu_count']} CPUs), JAX {machine['jax_version']} backend "
-            f"`{machine['jax_backend']}`")
+    """``train.machine_description()`` as the one line every report prints: CPU, CPU count (and
+    how many the process could use, when pinned to fewer), JAX version and backend."""
+    usable = machine.get("usable_cpus", machine["cpu_count"])  # absent in files before session 28
+    pinned = f", pinned to {usable}" if usable != machine["cpu_count"] else ""
+    return (f"{machine['cpu']} ({machine['cpu_count']} CPUs{pinned}), JAX {machine['jax_version']} "
+            f"backend `{machine['jax_backend']}`")
 
 
 def write_report(output_dir: str, name: str, result: dict, markdown: str) -> None:

@@ -598,5 +598,9 @@ def machine_description() -> dict:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f
                         if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+    # The CPUs this process may run on (taskset narrows it): XLA sizes its CPU thread pool by it,
+    # and the summation order, hence the last float bits of every score, follows (RESULTS.md).
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable,
+            "jax_backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__}

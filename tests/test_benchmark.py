@@ -593,3 +593,25 @@ def test_head_gain_probe_reports_the_heads_share_of_each_kernel(hyper, tmp_path)
     _, _, plain_export = _small_export(hyper, tmp_path / "p")
     with pytest.raises(ValueError, match="residual"):
         probe([plain_export])
+
+
+def test_results_files_say_when_the_process_was_pinned_to_fewer_cpus():
+    """Scores depend on the CPU thread count at the last-float-bit level (XLA sizes its pool by the
+    CPUs the process may use), so every results file's machine line records a taskset pinning;
+    files written before the field existed read as unpinned."""
+    from pudnet_jax.metrics import machine_line
+    from pudnet_jax.train import machine_description
+
+    machine = machine_description()
+    assert machine["usable_cpus"] == len(os.sched_getaffinity(0))
+    base = {"cpu": "Some CPU", "cpu_count": 2, "jax_version": "0", "jax_backend": "cpu"}
+    assert machine_line({**base, "usable_cpus": 1}) == "Some CPU (2 CPUs, pinned to 1), JAX 0 backend `cpu`"
+    assert machine_line({**base, "usable_cpus": 2}) == "Some CPU (2 CPUs), JAX 0 backend `cpu`"
+    assert machine_line(base) == machine_line({**base, "usable_cpus": 2})
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) > 1:
+        os.sched_setaffinity(0, {min(allowed)})
+        try:
+            assert machine_description()["usable_cpus"] == 1
+        finally:
+            os.sched_setaffinity(0, allowed)
