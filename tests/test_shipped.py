@@ -98,11 +98,13 @@ def test_committed_round_summary_is_what_its_script_prints(name):
     """Every decision round's committed summary.txt is exactly what its summary.py prints from the
     committed comparison files (RESULTS.md quotes these figures; a script or a file edited since
     would make the quoted figures unreproducible)."""
-    import subprocess
-    import sys
+    import contextlib
+    import io
+    import runpy
 
-    script = os.path.join(REPO, "results", name, "summary.py")
-    printed = subprocess.run([sys.executable, script], cwd=REPO, capture_output=True, text=True,
-                             check=True, timeout=120).stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # in-process: jax is imported once for all scripts
+        runpy.run_path(os.path.join(REPO, "results", name, "summary.py"), run_name="__main__")
+    printed = printed.getvalue()
     with open(os.path.join(REPO, "results", name, "summary.txt"), encoding="utf-8") as f:
         assert printed == f.read()
