@@ -9,6 +9,7 @@ putting ``results/`` on ``sys.path`` (scripts run from the repo root as ``python
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import numpy as np
 RESULTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(RESULTS))
 
-from pudnet_jax.evaluate import mean_and_ci95, t_quantile_975  # noqa: E402
+from pudnet_jax.evaluate import format_mean_ci, mean_and_ci95, t_quantile_975  # noqa: E402
 
 
 def load(*parts):
@@ -33,10 +34,16 @@ def run_name(row) -> str:
     return row["checkpoint"].split(" @ ")[0].rstrip("/").split("/")[-1]
 
 
+@functools.lru_cache(maxsize=None)
+def _comparison_rows(name: str) -> tuple:
+    """The rows of ``results/compare_predictors/<name>/compare.json``, read once per script."""
+    return tuple(load("compare_predictors", name, "compare.json")["rows"])
+
+
 def row(name: str, run: str, variant: str = ""):
     """Per-task scores of ``run`` under ``variant`` ('' for as used; overrides joined by ' @ ', as
     ``compare_predictors`` names its rows) in ``results/compare_predictors/<name>``."""
-    for r in load("compare_predictors", name, "compare.json")["rows"]:
+    for r in _comparison_rows(name):
         got = r["checkpoint"].partition(" @ ")[2]
         if run_name(r) == run and got == variant:
             return r["per_task"]
@@ -62,9 +69,10 @@ def closed_form_gtsrb_10_tasks() -> np.ndarray:
 
 
 def mean_ci(values, sign: str = "") -> str:
-    """'mean ± half-width of the 95% Student-t interval', in points (sign='+': signed mean)."""
-    stats = mean_and_ci95(values)
-    return f"{100 * stats['mean']:{sign}.2f} ± {100 * stats['ci95']:.2f}"
+    """'mean ± half-width of the 95% Student-t interval', in points (``evaluate.format_mean_ci``;
+    sign='+': a positive mean gets its '+')."""
+    text = format_mean_ci(mean_and_ci95(values))
+    return "+" + text if sign == "+" and not text.startswith("-") else text
 
 
 def welch(a, b):
