@@ -191,7 +191,11 @@ def make_train_step(config, mesh=None):
     """The pure step ``(state, batch) -> (state, metrics)`` (gradients from ``make_grad_fn``).
 
     With ``train.lookahead_scale > 0`` the gradient is the cross-source lookahead's (see
-    ``lookahead_grads`` inside; the sampler then pairs sources, ``make_sampler``).
+    ``lookahead_grads`` inside; the sampler then pairs sources, ``make_sampler``). The step then
+    also takes an optional third argument, ``lookahead_scale``, that replaces the config's value as
+    a traced scalar: one compiled step serves a schedule or a sweep of scales (being traced, it is
+    not checked for sign: pass a value >= 0, as the config's is checked). Whether the
+    lookahead runs at all is fixed by the config (it changes the computation, so it is static).
 
     A non-finite loss or gradient leaves the state unchanged and reports ``finite=0``; the loop
     then stops with the step number instead of writing NaN parameters.
@@ -208,12 +212,12 @@ def make_train_step(config, mesh=None):
         raise ValueError("train.lookahead_scale > 0 with a source head (train.source_loss_weight > 0) "
                          "is not implemented; set one of them to 0.")
 
-    def lookahead_grads(state: TrainState, batch):
+    def lookahead_grads(state: TrainState, batch, scale):
         """Cross-source lookahead (first-order MLDG, Li et al. 2018): the gradient of the even
         tasks (source A, ``TaskSampler(paired_sources=True)``) at the parameters, and of the odd
-        tasks (source B) at the parameters moved ``lookahead_scale`` optimiser steps along A's
+        tasks (source B) at the parameters moved ``scale`` optimiser steps along A's
         gradient, averaged. Fit to A that costs B is penalised: to first order the pair's
-        gradient adds ``lookahead_scale x lr x`` the gradient of A's and B's gradient alignment
+        gradient adds ``scale x lr x`` the gradient of A's and B's gradient alignment
         (the argument of Fish, Shi et al. 2022). The optimiser state is not advanced by the
         lookahead, only by the real update."""
         num_tasks = jax.tree.leaves(batch)[0].shape[0]
@@ -225,18 +229,22 @@ def make_train_step(config, mesh=None):
         inner, outer = (jax.tree.map(lambda x: x[half::2], batch) for half in (0, 1))
         (inner_loss, inner_aux), inner_grads = grad_fn(state.params, inner)
         step_updates, _ = optimizer.update(inner_grads, state.opt_state, state.params)
-        ahead = jax.tree.map(lambda p, u: p + lookahead * u, state.params, step_updates)
+        ahead = jax.tree.map(lambda p, u: p + scale * u, state.params, step_updates)
         (ahead_loss, ahead_aux), ahead_grads = grad_fn(ahead, outer)
         grads = jax.tree.map(lambda a, b: (a + b) / 2, inner_grads, ahead_grads)
         aux = jax.tree.map(lambda a, b: (a + b) / 2, inner_aux, ahead_aux)
         aux = {**aux, "inner_loss": inner_loss, "lookahead_loss": ahead_loss}
         return ((inner_loss + ahead_loss) / 2, aux), grads
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, lookahead_scale=None):
         head = state.source_head
         source_grad_scale = source_head.hypernet_gradient_scale(config, state.step)
+        if lookahead_scale is not None and lookahead == 0:
+            raise ValueError("a lookahead_scale argument needs train.lookahead_scale > 0 in the config "
+                             "(the config decides whether the step has a lookahead at all).")
         if lookahead > 0:
-            (loss, aux), grads = lookahead_grads(state, batch)
+            scale = lookahead if lookahead_scale is None else jnp.asarray(lookahead_scale, jnp.float32)
+            (loss, aux), grads = lookahead_grads(state, batch, scale)
         else:
             (loss, aux), grads = grad_fn(state.params, batch, head, source_grad_scale)
         head_grads = None

@@ -319,7 +319,9 @@ def test_cross_source_lookahead_step(tiny_config):
     mean of the even tasks' gradient at the parameters and the odd tasks' after `scale` optimiser
     steps along the first. At a vanishing scale it is the plain step on the same batch; at a large
     one the odd tasks are scored away from the parameters, and the step on a 2-device mesh equals
-    the one-device step. A batch that does not split over the mesh, or a run with one source, is refused."""
+    the one-device step. The scale passed as an argument is traced: both scales share one compile.
+    A batch that does not split over the mesh, a scale argument without a lookahead in the config,
+    or a run with one source, is refused."""
     from configs.inter import get_config
 
     config = get_config()
@@ -338,7 +340,11 @@ def test_cross_source_lookahead_step(tiny_config):
     plain_step = jax.jit(make_train_step(plain_config))
     state, _ = plain_step(create_train_state(config, jax.random.key(0)), batch)  # lr 0: moments only
     plain, plain_metrics = plain_step(state, batch)
-    tiny, tiny_metrics = jax.jit(make_train_step(config))(state, batch)
+    # The scale as a traced argument: the tiny and the far step below share this one compile
+    # (a lookahead step compiles two gradients; compiles are most of this test's time).
+    lookahead_step = chex.assert_max_traces(make_train_step(config), n=1)
+    lookahead_step = jax.jit(lookahead_step)
+    tiny, tiny_metrics = lookahead_step(state, batch, 1e-6)
     # Adam divides by the gradient's size, so a wrong scale shows in grad_norm, not in the params.
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(tiny_metrics[key], plain_metrics[key], rtol=1e-4)
@@ -351,14 +357,14 @@ def test_cross_source_lookahead_step(tiny_config):
     gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, tiny.params, plain.params))
     assert moved > 0 and gap < 1e-2 * moved, (gap, moved)  # float noise, amplified by Adam
 
-    config.train.lookahead_scale = 100.0
-    far, far_metrics = jax.jit(make_train_step(config))(state, batch)
+    far, far_metrics = lookahead_step(state, batch, 100.0)
     assert abs(float(far_metrics["lookahead_loss"]) - float(odd_loss)) > 5e-2 * float(odd_loss)
     np.testing.assert_allclose(far_metrics["loss"], (far_metrics["inner_loss"] + far_metrics["lookahead_loss"]) / 2,
                                rtol=1e-6)
     far_gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, far.params, plain.params))
     assert far_gap > 1e-2 * moved, (far_gap, moved)
 
+    config.train.lookahead_scale = 100.0  # the config's scale, a closure constant here
     mesh = parallel.make_mesh(jax.devices()[:2])
     sharded, sharded_metrics = jit_train_step(config, mesh)(
         jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
@@ -370,6 +376,8 @@ def test_cross_source_lookahead_step(tiny_config):
     intra.train.lookahead_scale = 10.0
     with pytest.raises(ValueError, match="one \\(omniglot\\)"):
         make_sampler(intra)
+    with pytest.raises(ValueError, match="needs train.lookahead_scale > 0"):
+        jax.eval_shape(make_train_step(plain_config), state, batch, 1.0)
     with pytest.raises(ValueError, match="multiple of 8"):
         jax.jit(make_train_step(config, parallel.make_mesh(jax.devices()))).lower(state, batch)
 
