@@ -159,7 +159,7 @@ def task_batch(config, rng):
 def check_meta_train(args, s) -> dict:
     from configs.intra import get_config
     from pudnet_jax import parallel
-    from pudnet_jax.train import create_train_state, jit_train_step
+    from pudnet_jax.train_step import create_train_state, jit_train_step
 
     out = {}
     for loop in args.task_loops:

@@ -314,7 +314,7 @@ def restore_hyper_params(directory: str, config, step: int | None = None) -> tup
                     restored = manager.restore(at, args=ocp.args.Composite(
                         params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
                     return restored.params, {"step": at, "source": "best", **dict(restored.meta)}
-                from pudnet_jax.train import create_train_state
+                from pudnet_jax.train_step import create_train_state
 
                 # The train state's shape beyond the params (the source head) is the run's own:
                 # build it from the workdir's config.json when there is one.

@@ -111,7 +111,7 @@ def source_head_sums(head: dict, features, source_labels, mask, standardize: boo
     Sums, not means: a task can hold no labelled row at all (an Omniglot task when
     ``train.source_head_datasets`` leaves Omniglot out), and a per-task mean would give it loss 0,
     diluting the loss by the share of such tasks in the batch. The caller divides the batch's
-    totals (``make_loss_fn``). Rows with ``source_labels < 0`` (images the sampler gives no source
+    totals (``train_step.make_loss_fn``). Rows with ``source_labels < 0`` (images the sampler gives no source
     label: ``train.source_head_datasets``, ``train.source_head_upright_only``) count as masked.
     ``standardize`` (``train.source_head_standardize``) reads the features through
     ``standardize_features`` over the labelled rows.

@@ -470,7 +470,7 @@ def test_selection_signals_scores_each_saved_step_of_a_workdir(hyper, tmp_path):
     leave-one-source-out validation are refused by name."""
     from launch.selection_signals import score_steps, signal_tasks
     from pudnet_jax.evaluate import TaskEvaluator
-    from pudnet_jax.train import create_train_state
+    from pudnet_jax.train_step import create_train_state
 
     c, _ = hyper
     c = c.copy_and_resolve_references()

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import _train_subprocess as child
-from pudnet_jax import checkpoints, data, train
+from pudnet_jax import checkpoints, data, train, train_step
 from pudnet_jax.predict import init_hyper_params, load_predictor, make_predict_fn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +113,7 @@ def _restore_latest(workdir, config):
     manager = checkpoints._manager(os.path.join(workdir, "checkpoints"), 1, read_only=True)
     step = manager.latest_step()
     abstract = checkpoints._strict_abstract(
-        jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0))))
+        jax.eval_shape(lambda: train_step.create_train_state(config, jax.random.key(0))))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     manager.close()
@@ -575,11 +575,11 @@ def test_train_states_from_before_the_source_head_resume_and_a_changed_setting_i
     ckpt = checkpoints.RunCheckpoints(str(tmp_path / "old"))
     ckpt.save(7, legacy, {"best_val_accuracy": 0.5})
     ckpt.close()
-    abstract = jax.eval_shape(lambda: train.TrainState(
+    abstract = jax.eval_shape(lambda: train_step.TrainState(
         step=jax.numpy.int32(0), params={"params": {"w": arr(2, 3)}}, opt_state={"mu": arr(3)}))
     ckpt = checkpoints.RunCheckpoints(str(tmp_path / "old"))
     state, meta = ckpt.restore(checkpoints._strict_abstract(abstract))
-    assert isinstance(state, train.TrainState) and state.source_head is None
+    assert isinstance(state, train_step.TrainState) and state.source_head is None
     assert int(state.step) == 7 and meta["best_val_accuracy"] == 0.5
     np.testing.assert_array_equal(state.params["params"]["w"], arr(2, 3))
     with_head = abstract.replace(source_head={"kernel": jax.ShapeDtypeStruct((3, 4), np.float32)},
@@ -589,7 +589,7 @@ def test_train_states_from_before_the_source_head_resume_and_a_changed_setting_i
     ckpt.close()
 
     new = checkpoints.RunCheckpoints(str(tmp_path / "new"))
-    new.save(1, train.TrainState(step=np.int32(1), params=legacy["params"], opt_state=legacy["opt_state"],
+    new.save(1, train_step.TrainState(step=np.int32(1), params=legacy["params"], opt_state=legacy["opt_state"],
                                  source_head={"kernel": arr(3, 4)}, source_head_opt_state={}), {})
     restored, _ = new.restore(checkpoints._strict_abstract(with_head))
     np.testing.assert_array_equal(restored.source_head["kernel"], arr(3, 4))
@@ -603,7 +603,7 @@ def test_a_resume_keeps_the_best_params_its_restored_state_refers_to(tmp_path):
     resume drops best 500 (ahead of the state) and must still hold best 300, which the restored
     metadata names; once a later state records a newer best, the older one is deleted."""
     params = lambda v: {"params": {"w": np.full((2, 3), v, np.float32)}}
-    state = lambda step: train.TrainState(step=np.int32(step), params=params(step), opt_state={})
+    state = lambda step: train_step.TrainState(step=np.int32(step), params=params(step), opt_state={})
     run = checkpoints.RunCheckpoints(str(tmp_path))
     run.save_best(300, params(300), {"best_val_accuracy": 0.7, "best_step": 300})
     run.save(400, state(400), {"best_val_accuracy": 0.7, "best_step": 300})

@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from pudnet_jax import parallel
-from pudnet_jax.train import (create_train_state, jit_train_step, make_grad_fn, make_sampler, make_train_step,
-                              train_and_evaluate)
+from pudnet_jax.train import make_sampler, train_and_evaluate
+from pudnet_jax.train_step import create_train_state, jit_train_step, make_grad_fn, make_train_step
 
 
 def _small_run_config(tiny_config, num_steps=4):

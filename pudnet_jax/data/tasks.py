@@ -193,7 +193,7 @@ class TaskSampler:
     `paired_sources=True` (several pools, no cross-source tasks): every batch takes two distinct
     pools A and B, drawn by `dataset_weights` from `default_rng([seed, step, PAIR_STREAM])` (so
     every process of a run agrees on them), and task t of the global stream comes from A when t
-    is even, from B when it is odd. The cross-source lookahead step (`pudnet_jax.train`, the
+    is even, from B when it is odd. The cross-source lookahead step (`pudnet_jax.train_step`, the
     `train.lookahead_scale` config) steps on the even tasks and scores the odd ones: a source
     the step never saw.
     """
