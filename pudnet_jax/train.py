@@ -24,6 +24,8 @@ from pudnet_jax.train_step import create_train_state, jit_train_step, make_loss_
 
 
 def prepare_kwargs(config) -> dict:
+    """The data-loading arguments every dataset preparation takes from the config (where the
+    ``.npz`` files and the cache live, the target's image size and channel count)."""
     return {"data_dir": config.data_dir or None, "cache_dir": config.cache_dir or None,
             "image_size": config.model.image_size, "channels": config.model.channels}
 

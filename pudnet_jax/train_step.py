@@ -30,6 +30,9 @@ from pudnet_jax.predict import init_hyper_params, make_predict_fn
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a resumed run needs besides the config: the step, the hypernetwork's variables
+    and their optimiser state (a pytree, so it jits, shards and checkpoints as one value)."""
+
     step: jax.Array
     params: Any  # hypernetwork variables {'params': ...}
     opt_state: Any
@@ -48,6 +51,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
+    """The hypernetwork's optimiser: global-norm clipping (``train.grad_clip``), then AdamW on
+    ``learning_rate_schedule`` with ``train.weight_decay``."""
     return optax.chain(
         optax.clip_by_global_norm(config.train.grad_clip),
         optax.adamw(learning_rate_schedule(config), weight_decay=config.train.weight_decay),
