@@ -9,7 +9,7 @@ Sections (each guarded: a failure is printed and the next section still runs):
 3. one epoch of Adam from scratch on resnet18 over 10k images (CIFAR-10's 10k train subset from
    $PUDNET_DATA_DIR or ../shared/data if present, else synthetic; printed), batch
    config.eval.batch_size, compile excluded; then test accuracy;
-4. meta-training steps (``pudnet_jax.train`` step, configs/intra.py:size=gpu, synthetic task
+4. meta-training steps (``pudnet_jax.train_step`` step, configs/intra.py:size=gpu, synthetic task
    batches of the right shapes) with task_loop='vmap' and 'unroll': compile time, step time.
 """
 
