@@ -62,6 +62,31 @@ def shipped_recipe_gtsrb_fold() -> dict:
             2: row("inter_s26_round4_gtsrb_n", "inter_s26_loso_gtsrb_disc_seed2", SCALE0)}
 
 
+# The BatchNorm dial's three rows (rounds 8-10): w = 1 (shipped), 0.5, 0 (the closed form), each
+# with the conv corrections at 0 as used, named as ``compare_predictors --variants`` names them.
+BN_DIAL = {1.0: SCALE0, 0.5: SCALE0 + " @ batchnorm_residual_scale=0.5",
+           0.0: SCALE0 + " @ batchnorm_residual_scale=0"}
+
+
+def bn_dial_scores(comparison: str, run: str) -> dict:
+    """``{w: per-task scores}`` of ``run`` at the three ``BN_DIAL`` weights in ``comparison``."""
+    return {w: np.asarray(row(comparison, run, variant)) for w, variant in BN_DIAL.items()}
+
+
+def bn_dial_line(seed, one, half, zero) -> str:
+    """One seed's line: the three rows, then D = (0.5) - (1) and F = (0) - (1) paired over tasks."""
+    return (f"seed {seed}: {mean_ci(one)} / {mean_ci(half)} / {mean_ci(zero)}"
+            f"  D {mean_ci(half - one, '+')}  F {mean_ci(zero - one, '+')}")
+
+
+def bn_dial_export(rule1: bool, rule2: bool, d_mean: float, f_mean: float) -> str:
+    """What the export ships under the dial rounds' rules: w = 0.5 if rule 1 holds, the closed form
+    if rule 2 does, the one with the larger mean gain if both, otherwise w = 1 unchanged."""
+    if rule1 and rule2:
+        return "w = 0.5" if d_mean >= f_mean else "w = 0 (the closed form)"
+    return "w = 0.5" if rule1 else "w = 0 (the closed form)" if rule2 else "w = 1 (unchanged)"
+
+
 def closed_form_gtsrb_10_tasks() -> np.ndarray:
     """The closed-form discriminant network on round 4's 10 GTSRB tasks (task seeds 1-10)."""
     probe = load("construction_probe", "loso_gtsrb_s26_10tasks", "probe.json")["splits"]["source"]["rows"]

@@ -15,11 +15,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import (SCALE0, closed_form_gtsrb_10_tasks, mean_ci, row,  # noqa: E402
-                     shipped_recipe_gtsrb_fold)
+from _rounds import (bn_dial_export, bn_dial_line, bn_dial_scores,  # noqa: E402
+                     closed_form_gtsrb_10_tasks, mean_ci, shipped_recipe_gtsrb_fold)
 
-WEIGHTS = {1.0: SCALE0, 0.5: SCALE0 + " @ batchnorm_residual_scale=0.5",
-           0.0: SCALE0 + " @ batchnorm_residual_scale=0"}
 # recipe -> [(comparison, run) for seeds 0, 1, 2]
 RUNS = {"N": [("inter_s28_round8_gtsrb_n0", "inter_s28_loso_gtsrb_disc_seed0_rerun"),
               ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed1"),
@@ -33,8 +31,8 @@ print(f"closed-form discriminant network (construction probe, no meta-training):
 scores = {}
 for recipe, seeds in RUNS.items():
     for s, (comparison, run) in enumerate(seeds):
-        for w, variant in WEIGHTS.items():
-            scores[recipe, s, w] = np.asarray(row(comparison, run, variant))
+        for w, per_task in bn_dial_scores(comparison, run).items():
+            scores[recipe, s, w] = per_task
 rerun = scores["N", 0, 1.0]
 print(f"N seed 0 re-run at w = 1: {mean_ci(rerun)} vs session 25's run {mean_ci(session25_seed0)};"
       f" max |per-task difference| {100 * np.abs(rerun - session25_seed0).max():.2f} points")
@@ -45,9 +43,7 @@ for recipe in RUNS:
     print(f"\n{recipe}: per seed, w = 1 / 0.5 / 0; D = (0.5) - (1), F = (0) - (1), paired over tasks")
     for s in range(3):
         one, half, zero = (scores[recipe, s, w] for w in (1.0, 0.5, 0.0))
-        print(f"seed {s}: {mean_ci(one)} / {mean_ci(half)} / {mean_ci(zero)}"
-              f"  D {mean_ci(half - one, '+')}  F {mean_ci(zero - one, '+')}"
-              f"  (0.5) - closed form {mean_ci(half - closed, '+')}")
+        print(bn_dial_line(s, one, half, zero) + f"  (0.5) - closed form {mean_ci(half - closed, '+')}")
     for w in (1.0, 0.5, 0.0):
         print(f"over seeds (t, n=3), w = {w:g}: {mean_ci([scores[recipe, s, w].mean() for s in range(3)])}")
 
@@ -58,8 +54,4 @@ print(f"\nRule 1: D_s = {', '.join('%+.2f' % (100 * x) for x in d)} -> "
       + ("w = 0.5 beats the shipped w = 1 on every seed" if rule1 else "not on every seed"))
 print(f"Rule 2: F_s = {', '.join('%+.2f' % (100 * x) for x in f)} -> "
       + ("the closed form beats w = 1 on every seed" if rule2 else "not on every seed"))
-if rule1 and rule2:
-    ship = "w = 0.5" if np.mean(d) >= np.mean(f) else "w = 0 (the closed form)"
-else:
-    ship = "w = 0.5" if rule1 else "w = 0 (the closed form)" if rule2 else "w = 1 (unchanged)"
-print(f"The export ships: {ship}")
+print(f"The export ships: {bn_dial_export(rule1, rule2, np.mean(d), np.mean(f))}")

@@ -15,21 +15,17 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import SCALE0, mean_ci, row  # noqa: E402
+from _rounds import SCALE0, bn_dial_line, bn_dial_scores, mean_ci, row  # noqa: E402
 
 COMPARISON = "inter_s29_round10_fmnist"
-WEIGHTS = {1.0: SCALE0, 0.5: SCALE0 + " @ batchnorm_residual_scale=0.5",
-           0.0: SCALE0 + " @ batchnorm_residual_scale=0"}
 SEEDS = {s: f"inter_s29_loso_fmnist_disc_seed{s}" for s in (1, 2)}
 
-scores = {(s, w): np.asarray(row(COMPARISON, run, variant))
-          for s, run in SEEDS.items() for w, variant in WEIGHTS.items()}
+scores = {(s, w): per_task for s, run in SEEDS.items()
+          for w, per_task in bn_dial_scores(COMPARISON, run).items()}
 print("Fashion-MNIST fold, 10 whole-dataset Fashion-MNIST tasks (task seeds 1-10), conv corrections at 0 (as used)")
 print("per seed: w = 1 / 0.5 / 0 (closed form); D = (0.5) - (1), F = (0) - (1), paired over the 10 tasks")
 for s in SEEDS:
-    one, half, zero = (scores[s, w] for w in (1.0, 0.5, 0.0))
-    print(f"seed {s}: {mean_ci(one)} / {mean_ci(half)} / {mean_ci(zero)}"
-          f"  D {mean_ci(half - one, '+')}  F {mean_ci(zero - one, '+')}")
+    print(bn_dial_line(s, *(scores[s, w] for w in (1.0, 0.5, 0.0))))
 closed = [scores[s, 0.0] for s in SEEDS]
 print(f"w = 0 rows of the two seeds: max |per-task difference| {100 * np.abs(closed[0] - closed[1]).max():.2f}"
       " points (the closed form does not depend on the meta-trained parameters)")

@@ -14,10 +14,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import SCALE0, closed_form_gtsrb_10_tasks, mean_and_ci95, mean_ci, row  # noqa: E402
+from _rounds import (bn_dial_export, bn_dial_line, bn_dial_scores,  # noqa: E402
+                     closed_form_gtsrb_10_tasks, mean_and_ci95, mean_ci)
 
-WEIGHTS = {1.0: SCALE0, 0.5: SCALE0 + " @ batchnorm_residual_scale=0.5",
-           0.0: SCALE0 + " @ batchnorm_residual_scale=0"}
 SEEDS = {0: ("inter_s28_round8_gtsrb_n0", "inter_s28_loso_gtsrb_disc_seed0_rerun"),
          1: ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed1"),
          2: ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed2"),
@@ -25,8 +24,8 @@ SEEDS = {0: ("inter_s28_round8_gtsrb_n0", "inter_s28_loso_gtsrb_disc_seed0_rerun
          4: ("inter_s29_round9_gtsrb_n34", "inter_s29_loso_gtsrb_disc_seed4")}
 
 closed = closed_form_gtsrb_10_tasks()
-scores = {(s, w): np.asarray(row(comparison, run, variant))
-          for s, (comparison, run) in SEEDS.items() for w, variant in WEIGHTS.items()}
+scores = {(s, w): per_task for s, (comparison, run) in SEEDS.items()
+          for w, per_task in bn_dial_scores(comparison, run).items()}
 print("GTSRB fold, 10 whole-dataset GTSRB tasks (task seeds 1-10), conv corrections at 0 (as used)")
 print(f"closed-form discriminant network (construction probe, no meta-training): {mean_ci(closed)}")
 gap = max(np.abs(scores[s, 0.0] - closed).max() for s in SEEDS)
@@ -34,9 +33,7 @@ print(f"w = 0 rows vs the closed-form probe: max |per-task difference| {100 * ga
 
 print("\nper seed: w = 1 / 0.5 / 0; D = (0.5) - (1), F = (0) - (1), paired over the 10 tasks")
 for s in SEEDS:
-    one, half, zero = (scores[s, w] for w in (1.0, 0.5, 0.0))
-    print(f"seed {s}: {mean_ci(one)} / {mean_ci(half)} / {mean_ci(zero)}"
-          f"  D {mean_ci(half - one, '+')}  F {mean_ci(zero - one, '+')}")
+    print(bn_dial_line(s, *(scores[s, w] for w in (1.0, 0.5, 0.0))))
 
 print(f"\nover the {len(SEEDS)} seeds (95% Student t, n = {len(SEEDS)}):")
 for w in (1.0, 0.5):
@@ -56,8 +53,4 @@ for name, w in (("D", 0.5), ("F", 0.0)):
 (rule1, d_mean), (rule2, f_mean) = verdicts["D"], verdicts["F"]
 print(f"\nRule 1 (w = 0.5 replaces w = 1): {'holds' if rule1 else 'does not hold'}")
 print(f"Rule 2 (the closed form replaces w = 1): {'holds' if rule2 else 'does not hold'}")
-if rule1 and rule2:
-    ship = "w = 0.5" if d_mean >= f_mean else "w = 0 (the closed form)"
-else:
-    ship = "w = 0.5" if rule1 else "w = 0 (the closed form)" if rule2 else "w = 1 (unchanged)"
-print(f"The export ships: {ship}")
+print(f"The export ships: {bn_dial_export(rule1, rule2, d_mean, f_mean)}")
