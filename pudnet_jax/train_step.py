@@ -269,7 +269,9 @@ def make_train_step(config, mesh=None):
 
 
 def jit_train_step(config, mesh):
-    """``train_step`` compiled for the mesh: tasks sharded, state replicated and donated."""
+    """``train_step`` compiled for the mesh: tasks sharded, state replicated and donated. It takes
+    ``(state, batch)`` only: a lookahead runs at the config's scale (the traced third argument is
+    for ``make_train_step`` jitted by the caller)."""
     replicated = parallel.replicated(mesh)
     return jax.jit(make_train_step(config, mesh),
                    in_shardings=(replicated, parallel.data_sharded(mesh)),
