@@ -41,7 +41,7 @@ from pudnet_jax.hypernet import build_hypernet  # noqa: E402
 from pudnet_jax.hypernet.encoder import SetEncoder, _conv_small_maps_as_matmul  # noqa: E402
 from pudnet_jax.models import get_target  # noqa: E402
 from pudnet_jax.predict import init_hyper_params, make_predict_fn  # noqa: E402
-from pudnet_jax.train import machine_description  # noqa: E402
+from pudnet_jax.metrics import machine_description  # noqa: E402
 
 
 def median_seconds(fns: dict, repeats: int) -> dict:

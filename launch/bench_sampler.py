@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import data  # pylint: disable=g-import-not-at-top
-from pudnet_jax.train import machine_description  # pylint: disable=g-import-not-at-top
+from pudnet_jax.metrics import machine_description  # pylint: disable=g-import-not-at-top
 
 # name -> (setting, dataset, way, shots, queries)
 CONFIGS = {

@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pudnet_jax import baselines, checkpoints, data, train
 from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
 from pudnet_jax.metrics import machine_line, write_report
-from pudnet_jax.train import machine_description
+from pudnet_jax.metrics import machine_description
 
 
 # hyper fields predict reads at inference without changing the parameter tree: the data-derived

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints, train
 from pudnet_jax.evaluate import accuracy, format_mean_ci, init_target, mean_and_ci95, random_init_seed
-from pudnet_jax.metrics import machine_line, write_report
+from pudnet_jax.metrics import machine_description, machine_line, write_report
 from pudnet_jax.pca_backbone import CONSTRUCTIONS, pca_backbone
 
 
@@ -84,7 +84,7 @@ def run_probe(checkpoint: str, num_val_tasks: int, source_dataset: str, num_sour
            "source_dataset": source_dataset, "held_out": config.data.held_out,
            "predict_shots": int(config.data.predict_shots), "ridge_lambda": float(config.hyper.ridge_lambda),
            "patch_stride": int(config.hyper.data_layers_patch_stride),
-           "machine": train.machine_description(), "splits": {}}
+           "machine": machine_description(), "splits": {}}
     for split, tasks in splits.items():
         scores = score(config, tasks, constructions)
         reference = scores[constructions[0]]

@@ -34,7 +34,7 @@ from pudnet_jax.hypernet.head import get_path
 from pudnet_jax.hypernet import target_specs
 from pudnet_jax.metrics import machine_line, write_report
 from pudnet_jax.predict import make_predict_fn
-from pudnet_jax.train import machine_description
+from pudnet_jax.metrics import machine_description
 
 
 def head_filter_norms(config, hyper_params, batch, num_classes: int) -> dict[str, float]:

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.compare_predictors import apply_overrides, parse_variants
 from pudnet_jax import checkpoints, train
 from pudnet_jax.evaluate import TaskEvaluator, format_mean_ci, mean_and_ci95
-from pudnet_jax.metrics import machine_line, write_report
+from pudnet_jax.metrics import machine_description, machine_line, write_report
 
 
 def spread(checkpoint: str, seeds: list[int], predict_shots: int | None = None,
@@ -66,7 +66,7 @@ def spread(checkpoint: str, seeds: list[int], predict_shots: int | None = None,
             "rows": rows, "over_seeds": mean_and_ci95(scores),
             "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else float("nan"),
             "min": min(scores), "max": max(scores),
-            "machine": train.machine_description(), "wall_seconds": time.perf_counter() - start}
+            "machine": machine_description(), "wall_seconds": time.perf_counter() - start}
 
 
 def markdown(result: dict, command: str = "") -> str:

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, checkpoints, train
 from pudnet_jax.evaluate import TaskEvaluator
-from pudnet_jax.metrics import machine_line, write_report
+from pudnet_jax.metrics import machine_description, machine_line, write_report
 
 SIGNALS = ("source_meta_val", "loso")
 
@@ -109,7 +109,7 @@ def run(workdir: str, steps: list[int] | None, num_val_tasks: int) -> dict:
             "num_tasks": {k: len(v) for k, v in tasks.items()}, "rows": rows,
             "summary": summarise(rows), "predict_shots": config.data.predict_shots,
             "eval_task_seed": config.data.eval_task_seed,
-            "machine": train.machine_description(), "wall_seconds": time.perf_counter() - start}
+            "machine": machine_description(), "wall_seconds": time.perf_counter() - start}
 
 
 def markdown(result: dict, command: str = "") -> str:

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import baselines, data, evaluate, train  # noqa: E402
-from pudnet_jax.metrics import write_report  # noqa: E402
+from pudnet_jax.metrics import machine_description, write_report  # noqa: E402
 
 
 def source_training_set(config, sources, images_per_class: int, seed: int):
@@ -89,7 +89,7 @@ def run_probe(config, sources, *, epochs: int, lr: float, seeds, images_per_clas
             "batch_size": batch_size, "ridge_lambda": ridge_lambda,
             "predict_sample": int(len(task.predict_indices)),
             "images_per_class": images_per_class, "runs": runs,
-            "machine": train.machine_description(),
+            "machine": machine_description(),
             "note": "Adam's state is reset at every epoch (each epoch is one train_from_scratch "
                     "call from the previous epoch's variables)."}
 

@@ -43,7 +43,8 @@ from pudnet_jax.evaluate import (TaskEvaluator, accuracy, format_mean_ci, init_t
                                  mean_and_ci95, random_init_seed)
 from pudnet_jax.metrics import write_report
 from pudnet_jax.pca_backbone import pca_backbone
-from pudnet_jax.train import machine_description, make_test_tasks
+from pudnet_jax.metrics import machine_description
+from pudnet_jax.train import make_test_tasks
 
 ROWS = ("predicted", "predicted, PCA stem", "random init", "random init, PCA stem",
         "PCA network (every conv; no meta-training)",

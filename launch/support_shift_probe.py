@@ -32,7 +32,7 @@ from pudnet_jax.hypernet.pudnet import RIDGE_LOGIT_SCALE
 from pudnet_jax.hypernet.ridge import ridge_classifier
 from pudnet_jax.metrics import write_report
 from pudnet_jax.models import get_target
-from pudnet_jax.train import machine_description
+from pudnet_jax.metrics import machine_description
 
 SHIFT_SETS = {
     "plain (predict's own solve)": (),

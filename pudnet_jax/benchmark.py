@@ -39,7 +39,8 @@ import numpy as np
 from pudnet_jax import baselines, checkpoints, data, metrics
 from pudnet_jax.evaluate import (TaskEvaluator, accuracy, format_mean_ci, init_target,
                                  mean_and_ci95, random_init_seed)
-from pudnet_jax.train import machine_description, make_test_tasks
+from pudnet_jax.metrics import machine_description
+from pudnet_jax.train import make_test_tasks
 
 
 def time_to_reach(epoch_accuracy, epoch_seconds, target: float) -> float | None:

@@ -1,4 +1,5 @@
-"""Run outputs: JSONL metrics, optional TensorBoard, a progress bar, and curve plots."""
+"""Run outputs: JSONL metrics, optional TensorBoard, a progress bar, curve plots, and the machine
+description every results file carries."""
 
 from __future__ import annotations
 
@@ -9,8 +10,23 @@ import time
 import jax
 
 
+def machine_description() -> dict:
+    """CPU model / accelerator names, for every results file."""
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    # The CPUs this process may run on (taskset narrows it): XLA sizes its CPU thread pool by it,
+    # and the summation order, hence the last float bits of every score, follows (RESULTS.md).
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable,
+            "jax_backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__}
+
+
 def machine_line(machine: dict) -> str:
-    """``train.machine_description()`` as the one line every report prints: CPU, CPU count (and
+    """``machine_description()`` as the one line every report prints: CPU, CPU count (and
     how many the process could use, when pinned to fewer), JAX version and backend."""
     usable = machine.get("usable_cpus", machine["cpu_count"])  # absent in files before session 28
     pinned = f", pinned to {usable}" if usable != machine["cpu_count"] else ""

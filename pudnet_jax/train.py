@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from pudnet_jax import checkpoints, data, distributed, parallel, source_head
 from pudnet_jax.evaluate import TaskEvaluator
-from pudnet_jax.metrics import MetricsWriter, plot_curves
+from pudnet_jax.metrics import MetricsWriter, machine_description, plot_curves
 from pudnet_jax.train_step import create_train_state, jit_train_step, make_loss_fn
 
 
@@ -344,18 +344,3 @@ def final_evaluation(config, workdir, last_params, evaluator, ckpt, last_info=No
         print(f"Unseen tasks: predicted {result['predicted']['mean']:.4f} ± {result['predicted']['ci95']:.4f}, "
               f"random init {result['random_init']['mean']:.4f}, chance {result['chance']:.4f}")
     return results
-
-
-def machine_description() -> dict:
-    """CPU model / accelerator names, for every results file."""
-    cpu = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    # The CPUs this process may run on (taskset narrows it): XLA sizes its CPU thread pool by it,
-    # and the summation order, hence the last float bits of every score, follows (RESULTS.md).
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable,
-            "jax_backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__}

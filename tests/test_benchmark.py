@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from pudnet_jax import baselines, benchmark, checkpoints, data
+from pudnet_jax import baselines, benchmark, checkpoints, data, metrics
 from pudnet_jax.evaluate import accuracy, init_target
 from pudnet_jax.predict import init_hyper_params
 
@@ -543,7 +543,6 @@ def test_construction_probe_scores_closed_form_networks_read_out_as_predict(hype
     accuracy with predict's read-out, the two constructions differ, the report pairs them, and
     a checkpoint of another setting is refused by name (the probe chooses on inter sources)."""
     from launch.construction_probe import markdown, run_probe, score
-    from pudnet_jax import train
     from pudnet_jax.evaluate import mean_and_ci95, random_init_seed
     from pudnet_jax.pca_backbone import pca_backbone
 
@@ -563,7 +562,7 @@ def test_construction_probe_scores_closed_form_networks_read_out_as_predict(hype
         name: {"accuracy": mean_and_ci95(v), "minus_pca": mean_and_ci95(np.subtract(v, scores["pca"]))}
         for name, v in scores.items()}}}, "source_dataset": "fashion_mnist", "held_out": "cifar10",
         "ridge_lambda": 0.01, "predict_shots": 5, "patch_stride": 1, "command": "x", "seed": 0,
-        "machine": train.machine_description(), "wall_seconds": 1.0}
+        "machine": metrics.machine_description(), "wall_seconds": 1.0}
     assert "| discriminant |" in markdown(fake)
 
 
@@ -599,8 +598,7 @@ def test_results_files_say_when_the_process_was_pinned_to_fewer_cpus():
     """Scores depend on the CPU thread count at the last-float-bit level (XLA sizes its pool by the
     CPUs the process may use), so every results file's machine line records a taskset pinning;
     files written before the field existed read as unpinned."""
-    from pudnet_jax.metrics import machine_line
-    from pudnet_jax.train import machine_description
+    from pudnet_jax.metrics import machine_description, machine_line
 
     machine = machine_description()
     assert machine["usable_cpus"] == len(os.sched_getaffinity(0))
