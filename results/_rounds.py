@@ -68,6 +68,28 @@ BN_DIAL = {1.0: SCALE0, 0.5: SCALE0 + " @ batchnorm_residual_scale=0.5",
            0.0: SCALE0 + " @ batchnorm_residual_scale=0"}
 
 
+# The shipped inter recipe N's meta-training seeds on each leave-one-source-out fold, as
+# {seed: (comparison, run)} of the committed BatchNorm-dial comparisons (rounds 8-11).
+N_SEEDS_GTSRB_FOLD = {0: ("inter_s28_round8_gtsrb_n0", "inter_s28_loso_gtsrb_disc_seed0_rerun"),
+                      1: ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed1"),
+                      2: ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed2"),
+                      3: ("inter_s29_round9_gtsrb_n34", "inter_s29_loso_gtsrb_disc_seed3"),
+                      4: ("inter_s29_round9_gtsrb_n34", "inter_s29_loso_gtsrb_disc_seed4")}
+N_SEEDS_FMNIST_FOLD = {1: ("inter_s29_round10_fmnist", "inter_s29_loso_fmnist_disc_seed1"),
+                       2: ("inter_s29_round10_fmnist", "inter_s29_loso_fmnist_disc_seed2"),
+                       3: ("inter_s30_round11_fmnist", "inter_s30_loso_fmnist_disc_seed3"),
+                       4: ("inter_s30_round11_fmnist", "inter_s30_loso_fmnist_disc_seed4"),
+                       5: ("inter_s30_round11_fmnist", "inter_s30_loso_fmnist_disc_seed5")}
+
+
+def bn_dial_seed_differences(seeds: dict) -> dict:
+    """``{'D': [...], 'F': [...]}``: per seed of ``seeds`` ({seed: (comparison, run)}), the paired
+    mean differences over tasks D = (w = 0.5) - (w = 1) and F = (w = 0) - (w = 1)."""
+    scores = {s: bn_dial_scores(*where) for s, where in seeds.items()}
+    return {name: [float(np.mean(scores[s][w] - scores[s][1.0])) for s in seeds]
+            for name, w in (("D", 0.5), ("F", 0.0))}
+
+
 def bn_dial_scores(comparison: str, run: str) -> dict:
     """``{w: per-task scores}`` of ``run`` at the three ``BN_DIAL`` weights in ``comparison``."""
     return {w: np.asarray(row(comparison, run, variant)) for w, variant in BN_DIAL.items()}

@@ -14,14 +14,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import (bn_dial_export, bn_dial_line, bn_dial_scores,  # noqa: E402
+from _rounds import (N_SEEDS_GTSRB_FOLD, bn_dial_export, bn_dial_line, bn_dial_scores,  # noqa: E402
                      closed_form_gtsrb_10_tasks, mean_and_ci95, mean_ci)
 
-SEEDS = {0: ("inter_s28_round8_gtsrb_n0", "inter_s28_loso_gtsrb_disc_seed0_rerun"),
-         1: ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed1"),
-         2: ("inter_s28_round8_gtsrb_n12", "inter_s26_loso_gtsrb_disc_seed2"),
-         3: ("inter_s29_round9_gtsrb_n34", "inter_s29_loso_gtsrb_disc_seed3"),
-         4: ("inter_s29_round9_gtsrb_n34", "inter_s29_loso_gtsrb_disc_seed4")}
+SEEDS = N_SEEDS_GTSRB_FOLD
 
 closed = closed_form_gtsrb_10_tasks()
 scores = {(s, w): per_task for s, (comparison, run) in SEEDS.items()
