@@ -190,13 +190,6 @@ def test_encoder_downsample_reads_pooled_images_with_the_same_parameters(tiny_co
         make_predict_fn(config)(params, batch)
 
 
-def _leaf_at(tree, path):
-    """The leaf of ``tree`` at a key path from ``jax.tree_util.tree_leaves_with_path``."""
-    for key in path:
-        tree = tree[key.key]
-    return tree
-
-
 def test_mirror_support_predicts_from_the_batch_plus_its_mirror_images(tiny_config):
     """hyper.mirror_support=True is exactly predict on the batch extended by its horizontally
     flipped images (same labels and mask), with the ridge classifier too; it differs from the
@@ -222,10 +215,11 @@ def test_mirror_support_predicts_from_the_batch_plus_its_mirror_images(tiny_conf
     # float32 summation order over twice the rows. The ridge solve spreads that noise over the
     # whole classifier, so it is bounded by each leaf's scale (measured: 1.0e-4 of it with XLA's
     # default codegen, 1.8e-4 at the suite's -O0), not elementwise.
-    got, want = mirrored(params, symmetric), plain(params, symmetric)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(want):
-        gap = np.abs(np.asarray(_leaf_at(got, path)) - np.asarray(leaf)).max()
-        assert gap <= 1e-3 * np.abs(leaf).max(), (jax.tree_util.keystr(path), gap)
+    def within_leaf_scale(path, got, want):
+        gap, scale = np.abs(got - want).max(), max(np.abs(want).max(), 1e-3)
+        assert gap <= 1e-3 * scale, (jax.tree_util.keystr(path), gap, scale)
+
+    jax.tree_util.tree_map_with_path(within_leaf_scale, mirrored(params, symmetric), plain(params, symmetric))
 
     # ConfigDict refuses a str for a bool field; a config rebuilt from JSON does not.
     loose = config.to_dict()
