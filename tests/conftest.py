@@ -6,13 +6,24 @@ Keys default to the ``rbg`` PRNG in the tests (and, through the environment, in 
 subprocesses): XLA:CPU compiles the hypernetwork's initialisers 3.5x faster with it than with
 ``threefry2x32`` (tiny config: 4.5 s vs 15.5 s), which halves the init-heavy tests. The library
 takes whatever key it is given and never inspects key data; ``test_hypernet`` keeps one test on
-the production default ``threefry2x32``.
+the production default ``threefry2x32``. Compiles run at LLVM -O0 (below: why).
 """
 
 import os
 import sys
 
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
+# The suite compiles XLA:CPU's generated code at LLVM -O0 (XLA's own HLO passes still run):
+# compiling is most of its time, and the work inside the compiled programs is mostly library
+# calls (convolutions, matmuls) either way. Measured in clean-clone CI runs on the 2-core CI
+# machine (session 30, AMD EPYC, same commit otherwise): pytest 12:51 with it, 15:03 and 15:03
+# without (the suite's budget is 15 minutes); pinned to one core, the three heaviest train-step
+# tests 237 s -> 155 s. Float results move within summation-order noise, which every tolerance
+# here allows; the library and every results/ number use XLA's default. Set before JAX
+# initialises; subprocesses inherit it. PUDNET_TEST_XLA_OPT=1 keeps the default.
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if os.environ.get("PUDNET_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in _xla_flags:
+    os.environ["XLA_FLAGS"] = (_xla_flags + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import pytest
