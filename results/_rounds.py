@@ -82,12 +82,31 @@ N_SEEDS_FMNIST_FOLD = {1: ("inter_s29_round10_fmnist", "inter_s29_loso_fmnist_di
                        5: ("inter_s30_round11_fmnist", "inter_s30_loso_fmnist_disc_seed5")}
 
 
+def bn_dial_table(seeds: dict) -> dict:
+    """``{(seed, w): per-task scores}`` for ``seeds`` ({seed: (comparison, run)}) at the three
+    ``BN_DIAL`` weights."""
+    return {(s, w): per_task for s, where in seeds.items() for w, per_task in bn_dial_scores(*where).items()}
+
+
 def bn_dial_seed_differences(seeds: dict) -> dict:
     """``{'D': [...], 'F': [...]}``: per seed of ``seeds`` ({seed: (comparison, run)}), the paired
     mean differences over tasks D = (w = 0.5) - (w = 1) and F = (w = 0) - (w = 1)."""
-    scores = {s: bn_dial_scores(*where) for s, where in seeds.items()}
-    return {name: [float(np.mean(scores[s][w] - scores[s][1.0])) for s in seeds]
+    scores = bn_dial_table(seeds)
+    return {name: [float(np.mean(scores[s, w] - scores[s, 1.0])) for s in seeds]
             for name, w in (("D", 0.5), ("F", 0.0))}
+
+
+def interval(values) -> tuple:
+    """(mean, low, high) of the 95% Student-t interval of ``values``."""
+    ci = mean_and_ci95(values)
+    return ci["mean"], ci["mean"] - ci["ci95"], ci["mean"] + ci["ci95"]
+
+
+def seed_spread_line(w: float, means) -> str:
+    """One BatchNorm weight's line over seeds: mean with interval, range, standard deviation."""
+    means = np.asarray(means)
+    return (f"w = {w:g}: {mean_ci(means)}; range {100 * means.min():.2f}-{100 * means.max():.2f},"
+            f" standard deviation {100 * means.std(ddof=1):.2f} points")
 
 
 def bn_dial_scores(comparison: str, run: str) -> dict:

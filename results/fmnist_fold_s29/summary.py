@@ -15,13 +15,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import SCALE0, bn_dial_line, bn_dial_scores, mean_ci, row  # noqa: E402
+from _rounds import SCALE0, bn_dial_line, bn_dial_table, mean_ci, row  # noqa: E402
 
 COMPARISON = "inter_s29_round10_fmnist"
 SEEDS = {s: f"inter_s29_loso_fmnist_disc_seed{s}" for s in (1, 2)}
 
-scores = {(s, w): per_task for s, run in SEEDS.items()
-          for w, per_task in bn_dial_scores(COMPARISON, run).items()}
+scores = bn_dial_table({s: (COMPARISON, run) for s, run in SEEDS.items()})
 print("Fashion-MNIST fold, 10 whole-dataset Fashion-MNIST tasks (task seeds 1-10), conv corrections at 0 (as used)")
 print("per seed: w = 1 / 0.5 / 0 (closed form); D = (0.5) - (1), F = (0) - (1), paired over the 10 tasks")
 for s in SEEDS:

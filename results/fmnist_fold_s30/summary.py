@@ -15,12 +15,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import (N_SEEDS_FMNIST_FOLD, N_SEEDS_GTSRB_FOLD, bn_dial_export,  # noqa: E402
-                     bn_dial_line, bn_dial_scores, bn_dial_seed_differences, mean_and_ci95, mean_ci)
+from _rounds import (N_SEEDS_FMNIST_FOLD, N_SEEDS_GTSRB_FOLD, bn_dial_export, bn_dial_line,  # noqa: E402
+                     bn_dial_seed_differences, bn_dial_table, interval, mean_ci, seed_spread_line)
 
 SEEDS = N_SEEDS_FMNIST_FOLD
 
-scores = {(s, w): per_task for s, where in SEEDS.items() for w, per_task in bn_dial_scores(*where).items()}
+scores = bn_dial_table(SEEDS)
 print("Fashion-MNIST fold, 10 whole-dataset Fashion-MNIST tasks (task seeds 1-10), conv corrections at 0 (as used)")
 print("per seed: w = 1 / 0.5 / 0 (closed form); D = (0.5) - (1), F = (0) - (1), paired over the 10 tasks")
 for s in SEEDS:
@@ -31,15 +31,7 @@ print(f"w = 0 rows of the five seeds: max |per-task difference| from seed 1's {1
 
 print(f"\nover the {len(SEEDS)} seeds (95% Student t, n = {len(SEEDS)}):")
 for w in (1.0, 0.5):
-    means = np.asarray([scores[s, w].mean() for s in SEEDS])
-    print(f"w = {w:g}: {mean_ci(means)}; range {100 * means.min():.2f}-{100 * means.max():.2f},"
-          f" standard deviation {100 * means.std(ddof=1):.2f} points")
-
-
-def interval(per_seed):
-    """(mean, low, high) of the 95% Student-t interval over seeds."""
-    ci = mean_and_ci95(per_seed)
-    return ci["mean"], ci["mean"] - ci["ci95"], ci["mean"] + ci["ci95"]
+    print(seed_spread_line(w, [scores[s, w].mean() for s in SEEDS]))
 
 
 here = bn_dial_seed_differences(SEEDS)

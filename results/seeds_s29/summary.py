@@ -14,14 +14,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _rounds import (N_SEEDS_GTSRB_FOLD, bn_dial_export, bn_dial_line, bn_dial_scores,  # noqa: E402
-                     closed_form_gtsrb_10_tasks, mean_and_ci95, mean_ci)
+from _rounds import (N_SEEDS_GTSRB_FOLD, bn_dial_export, bn_dial_line, bn_dial_seed_differences,  # noqa: E402
+                     bn_dial_table, closed_form_gtsrb_10_tasks, interval, mean_ci, seed_spread_line)
 
 SEEDS = N_SEEDS_GTSRB_FOLD
 
 closed = closed_form_gtsrb_10_tasks()
-scores = {(s, w): per_task for s, (comparison, run) in SEEDS.items()
-          for w, per_task in bn_dial_scores(comparison, run).items()}
+scores = bn_dial_table(SEEDS)
 print("GTSRB fold, 10 whole-dataset GTSRB tasks (task seeds 1-10), conv corrections at 0 (as used)")
 print(f"closed-form discriminant network (construction probe, no meta-training): {mean_ci(closed)}")
 gap = max(np.abs(scores[s, 0.0] - closed).max() for s in SEEDS)
@@ -33,18 +32,14 @@ for s in SEEDS:
 
 print(f"\nover the {len(SEEDS)} seeds (95% Student t, n = {len(SEEDS)}):")
 for w in (1.0, 0.5):
-    means = np.asarray([scores[s, w].mean() for s in SEEDS])
-    print(f"w = {w:g}: {mean_ci(means)}; range {100 * means.min():.2f}-{100 * means.max():.2f},"
-          f" standard deviation {100 * means.std(ddof=1):.2f} points")
+    print(seed_spread_line(w, [scores[s, w].mean() for s in SEEDS]))
 
 verdicts = {}
-for name, w in (("D", 0.5), ("F", 0.0)):
-    per_seed = [float(np.mean(scores[s, w] - scores[s, 1.0])) for s in SEEDS]
-    ci = mean_and_ci95(per_seed)
-    mean, half = ci["mean"], ci["ci95"]
-    verdicts[name] = (mean - half > 0, mean)
+for name, per_seed in bn_dial_seed_differences(SEEDS).items():
+    mean, low, _ = interval(per_seed)
+    verdicts[name] = (low > 0, mean)
     print(f"{name}_s = {', '.join('%+.2f' % (100 * x) for x in per_seed)}; mean {mean_ci(per_seed, '+')}"
-          f" -> interval {'wholly above 0' if mean - half > 0 else 'not wholly above 0'}")
+          f" -> interval {'wholly above 0' if low > 0 else 'not wholly above 0'}")
 
 (rule1, d_mean), (rule2, f_mean) = verdicts["D"], verdicts["F"]
 print(f"\nRule 1 (w = 0.5 replaces w = 1): {'holds' if rule1 else 'does not hold'}")
