@@ -50,8 +50,14 @@ def tiny_config():
 
 # Many tests compile the same programs (same tiny config, same mesh), also in subprocesses: a
 # persistent compilation cache shared by the whole session makes the second compile a disk read.
-_CACHE_DIR = os.environ.setdefault(
+# Under pytest-xdist each worker gets its own subdirectory: JAX writes cache entries without a
+# lock (no eviction configured), so two workers compiling the same program at once could read a
+# half-written entry. Subprocesses inherit the worker's directory through the environment.
+_CACHE_DIR = os.environ.get(
     "PUDNET_TEST_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pudnet_jax", "xla_test_cache"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _CACHE_DIR = os.path.join(_CACHE_DIR, os.environ["PYTEST_XDIST_WORKER"])
+os.environ["PUDNET_TEST_COMPILATION_CACHE"] = _CACHE_DIR
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
