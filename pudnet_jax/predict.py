@@ -43,7 +43,8 @@ def make_predict_fn(config, num_classes: int | None = None,
       chunk_size: if set and the batch has more images, the encoder and the BatchNorm pass run
         ``chunk_size`` images at a time (``pudnet_jax.hypernet.chunked``): memory bounded by the
         chunk instead of the dataset, for about ``L/2`` times the target's forward compute
-        (``L`` BatchNorm layers). Same result up to float summation order.
+        (``L`` BatchNorm layers; with ``hyper.data_layers`` about ``L``, one more sweep per
+        conv). Same result up to float summation order.
 
     With ``config.hyper.mirror_support`` the batch is extended by the horizontal mirror image
     of every row (same label and mask) before the hypernetwork reads it: the BatchNorm

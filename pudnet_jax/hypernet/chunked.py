@@ -12,10 +12,15 @@ at 32x32 that is about 8.5 GiB of host memory on CPU (measured, peak RSS; XLA's 
   chunks per BatchNorm layer, each running the target up to that layer (XLA drops the rest) and
   summing ``x`` and ``x**2`` over valid rows. That costs about ``L/2`` forward passes for ``L``
   BatchNorm layers (20 for ResNet-18): a trade of compute for memory, hence opt-in.
+- with ``hyper.data_layers``, every conv's kernel is built from its own input's statistics over
+  the whole batch (``hypernet.data_layers``), an input that depends on every earlier kernel and
+  BatchNorm layer: likewise one sweep per conv, summing what ``data_layers.conv_input_sums``
+  reads from the chunk (patch moments, class map sums), then the kernel from the batch's sums.
 
-The rest of ``PudNet`` runs unchanged: Flax method interceptors replace the two passes, so the
-parameter tree, the head and the classifier are the same code as the unchunked path, and the
-results agree with it up to float summation order (a test checks this).
+The rest of ``PudNet`` runs unchanged: Flax method interceptors replace the encoder and
+``PudNet.batch_norm_pass``, so the parameter tree, the head and the classifier are the same code
+as the unchunked path, and the results agree with it up to float summation order (tests check
+this for every ``hyper.data_layers`` mode).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pudnet_jax.hypernet import data_layers
 from pudnet_jax.hypernet.encoder import ImageEncoder
+from pudnet_jax.hypernet.head import get_path, replaced_path
 from pudnet_jax.models import get_target
 
 
@@ -41,20 +48,27 @@ def _unchunk(x, n: int):
     return x.reshape(-1, *x.shape[2:])[:n]
 
 
-def _batch_norm_paths(target, params, batch_stats, image):
-    """Paths of the target's BatchNorm layers in call order (a forward order: a layer's input
-    never depends on a layer called after it)."""
-    paths = []
+def _layer_calls(target, params, batch_stats, image):
+    """``(kind, path)`` of the target's ``nn.Conv`` (``'conv'``) and ``nn.BatchNorm``
+    (``'batch_norm'``) calls in call order: a forward order, since a layer's input never depends
+    on a layer called after it."""
+    calls = []
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
-            paths.append(tuple(context.module.path))
+        if context.method_name == "__call__":
+            if isinstance(context.module, nn.Conv):
+                calls.append(("conv", tuple(context.module.path)))
+            elif isinstance(context.module, nn.BatchNorm):
+                calls.append(("batch_norm", tuple(context.module.path)))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
         jax.eval_shape(lambda p, s, x: target.apply({"params": p, "batch_stats": s}, x, train=False,
                                                     features_only=True), params, batch_stats, image)
-    return paths
+    if len(set(calls)) != len(calls):
+        raise ValueError("The chunked pass needs every conv and BatchNorm layer of the target "
+                         "called once per forward pass.")
+    return calls
 
 
 def _nest(flat: dict) -> dict:
@@ -67,54 +81,80 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-def chunked_batch_stats(target, params, images, mask, chunk_size: int):
+def _batch_norm_sums(y, m):
+    """Masked sums of a BatchNorm layer's input ``y`` over every axis but the channels."""
+    w = m.astype(y.dtype).reshape((-1,) + (1,) * (y.ndim - 1))
+    axes = tuple(range(y.ndim - 1))
+    return {"sum": jnp.sum(y * w, axes), "sum_sq": jnp.sum(jnp.square(y) * w, axes),
+            "count": jnp.sum(w) * (y.size // (y.shape[0] * y.shape[-1]))}
+
+
+def chunked_batch_stats(target, params, images, mask, chunk_size: int, labels=None,
+                        data_layer_settings: dict | None = None):
     """Exact full-batch BatchNorm statistics (masked, biased variance, as ``nn.BatchNorm``) and the
     pooled penultimate features ``[N, D]``, computed ``chunk_size`` images at a time.
 
-    ``target`` is an unbound target network; ``params`` its predicted params.
+    ``target`` is an unbound target network; ``params`` its predicted params. With
+    ``data_layer_settings`` (``data_layers.kernel_from_sums``' keyword arguments plus ``mode``
+    and ``num_classes``), every conv kernel is first rebuilt from its input on the whole batch
+    (``labels``: the batch's, for the labelled modes), as ``data_layers.forward_with_data_layers``
+    does in one pass.
+
+    Returns ``(params, batch_stats, features)``: ``params`` with the rebuilt kernels (unchanged
+    without ``data_layer_settings``).
     """
     n = images.shape[0]
-    x_chunks, m_chunks = _chunks(images, chunk_size), _chunks(mask, chunk_size)
+    chunks = {"x": _chunks(images, chunk_size), "m": _chunks(mask, chunk_size)}
+    if labels is not None:
+        chunks["y"] = _chunks(labels, chunk_size)
     abstract = jax.eval_shape(lambda: target.init(jax.random.key(0), images[:1], train=False))
     placeholder = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["batch_stats"])
-    known = {}  # path -> {'mean', 'var'}, filled layer by layer
+    known = {}  # BatchNorm path -> {'mean', 'var'}, filled layer by layer
+    settings = dict(data_layer_settings or {})
+    mode, num_classes = settings.pop("mode", None), settings.pop("num_classes", None)
 
     def stats_so_far():
         # Layers not reached yet keep the placeholder: their outputs are never used (dead code).
         return _nest({**_flatten(placeholder), **known})
 
-    for layer in _batch_norm_paths(target, params, placeholder, images[:1]):
-        batch_stats = stats_so_far()
+    for kind, layer in _layer_calls(target, params, placeholder, images[:1]):
+        if kind == "conv" and mode is None:
+            continue
+        kernel_path = layer + ("kernel",)
+        kernel_size = get_path(params, kernel_path).shape[0] if kind == "conv" else None
+        variables = {"params": params, "batch_stats": stats_so_far()}
 
-        def sums(chunk, layer=layer, batch_stats=batch_stats):
-            x, m = chunk
+        def sums(chunk, kind=kind, layer=layer, kernel_size=kernel_size, variables=variables):
             out = {}
 
             def record(next_fun, args, kwargs, context):
-                if (isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__"
-                        and tuple(context.module.path) == layer):
-                    y = args[0]
-                    w = m.astype(y.dtype).reshape((-1,) + (1,) * (y.ndim - 1))
-                    axes = tuple(range(y.ndim - 1))
-                    out["sum"] = jnp.sum(y * w, axes)
-                    out["sum_sq"] = jnp.sum(jnp.square(y) * w, axes)
-                    out["count"] = jnp.sum(w) * (y.size // (y.shape[0] * y.shape[-1]))
+                module = context.module
+                if context.method_name == "__call__" and tuple(module.path) == layer:
+                    if kind == "batch_norm":
+                        out.update(_batch_norm_sums(args[0], chunk["m"]))
+                    else:
+                        out.update(data_layers.conv_input_sums(
+                            mode, args[0], chunk["m"], kernel_size,
+                            settings.get("patch_stride", 1), chunk.get("y"), num_classes))
                 return next_fun(*args, **kwargs)
 
             with nn.intercept_methods(record):
-                target.apply({"params": params, "batch_stats": batch_stats}, x, train=False,
-                             features_only=True)
+                target.apply(variables, chunk["x"], train=False, features_only=True)
             return out
 
-        total = jax.tree.map(lambda s: s.sum(0), jax.lax.map(sums, (x_chunks, m_chunks)))
-        count = jnp.maximum(total["count"], 1.0)
-        mean = total["sum"] / count
-        known[layer] = {"mean": mean, "var": jnp.maximum(0.0, total["sum_sq"] / count - mean**2)}
+        total = jax.tree.map(lambda s: s.sum(0), jax.lax.map(sums, chunks))
+        if kind == "conv":
+            kernel = data_layers.kernel_from_sums(mode, total, get_path(params, kernel_path), **settings)
+            params = replaced_path(params, kernel_path, kernel)
+        else:
+            count = jnp.maximum(total["count"], 1.0)
+            mean = total["sum"] / count
+            known[layer] = {"mean": mean, "var": jnp.maximum(0.0, total["sum_sq"] / count - mean**2)}
 
     batch_stats = stats_so_far()
     features = jax.lax.map(lambda x: target.apply({"params": params, "batch_stats": batch_stats}, x,
-                                                  train=False, features_only=True), x_chunks)
-    return batch_stats, _unchunk(features, n)
+                                                  train=False, features_only=True), chunks["x"])
+    return params, batch_stats, _unchunk(features, n)
 
 
 def _flatten(tree) -> dict:
@@ -137,14 +177,13 @@ def chunked_apply(hypernet, hyper_params, images, labels, mask, chunk_size: int)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of images; got {chunk_size}.")
     n = images.shape[0]
-    target_type = type(get_target(hypernet.target_name, hypernet.num_classes))
-    state = {"inside": False, "batch_stats": None}
+    state = {"inside": False, "passes": 0}
 
     def intercept(next_fun, args, kwargs, context):
-        if state["inside"] or context.method_name != "__call__":
+        if state["inside"]:
             return next_fun(*args, **kwargs)
         module = context.module
-        if isinstance(module, ImageEncoder):
+        if isinstance(module, ImageEncoder) and context.method_name == "__call__":
             # Per-image features, chunk by chunk, with this submodule's own parameters.
             encoder, variables = module.clone(parent=None), module.variables
             state["inside"] = True
@@ -154,21 +193,32 @@ def chunked_apply(hypernet, hyper_params, images, labels, mask, chunk_size: int)
             finally:
                 state["inside"] = False
             return _unchunk(features, n)
-        if isinstance(module, target_type) and kwargs.get("train") and kwargs.get("features_only"):
-            # PudNet's BatchNorm pass over the target (train mode, momentum 0, mask).
-            target, params = module.clone(parent=None), module.variables["params"]
+        if context.method_name == "batch_norm_pass":
+            # PudNet's BatchNorm pass over the target (and its data layers, if any).
+            params, pass_images, pass_labels, pass_mask = args
+            settings = None
+            if module.data_layers != "none":
+                # Refuses the settings the unchunked path refuses, with the same messages.
+                data_layers.kernel_builder(module.data_layers, module.data_layers_patch_stride,
+                                           module.data_layers_residual_scale, pass_labels,
+                                           module.num_classes, module.data_layers_normalized_residual)
+                settings = {"mode": module.data_layers, "num_classes": module.num_classes,
+                            "patch_stride": module.data_layers_patch_stride,
+                            "residual_scale": float(module.data_layers_residual_scale),
+                            "normalized_residual": bool(module.data_layers_normalized_residual)}
+            target = get_target(module.target_name, module.num_classes, parent=None)
             state["inside"] = True
             try:
-                stats, features = chunked_batch_stats(target, params, args[0], kwargs["mask"],
-                                                      chunk_size)
+                params, stats, features = chunked_batch_stats(
+                    target, params, pass_images, pass_mask, chunk_size, pass_labels, settings)
             finally:
                 state["inside"] = False
-            state["batch_stats"] = stats
-            return features
+            state["passes"] += 1
+            return params, features, stats
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(intercept):
         variables = hypernet.apply(hyper_params, images, labels, mask)
-    if state["batch_stats"] is None:
+    if state["passes"] != 1:
         raise RuntimeError("chunked_apply did not find the hypernetwork's BatchNorm pass.")
-    return {**variables, "batch_stats": state["batch_stats"]}
+    return variables

@@ -42,9 +42,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pudnet_jax.hypernet.discriminant import discriminant_patch_directions
+from pudnet_jax.hypernet.discriminant import (class_map_sums, discriminant_directions,
+                                              scatter_from_class_map_sums)
 from pudnet_jax.hypernet.head import get_path, replaced_path
-from pudnet_jax.hypernet.stem import (patch_covariance, pca_stem_kernel, regularised_inverse_sqrt,
+from pudnet_jax.hypernet.stem import (covariance_from_moments, patch_covariance, patch_moments,
+                                      principal_directions, regularised_inverse_sqrt,
                                       signed_direction_kernel)
 
 MODES = ("none", "pca_residual", "discriminant_residual", "whitened")
@@ -105,25 +107,58 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     ``labels`` (``[N]`` ints in ``[0, num_classes)``) are needed by ``LABELLED_MODES`` only.
     ``normalized_residual``: the head's filters enter at unit norm (``unit_filters``), so
     ``residual_scale`` bounds the correction relative to the data-derived unit filters.
+
+    Two stages, ``conv_input_sums`` then ``kernel_from_sums``: the first reads ``x`` and returns
+    sums over its rows, so a batch too large for memory can be read chunk by chunk and the sums
+    added (``hypernet.chunked``).
     """
+    _check_mode(mode)
+    sums = conv_input_sums(mode, x, mask, predicted_kernel.shape[0], patch_stride, labels, num_classes)
+    return kernel_from_sums(mode, sums, predicted_kernel, patch_stride, residual_scale,
+                            normalized_residual)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES or mode == "none":
+        raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
+
+
+def conv_input_sums(mode: str, x, mask, kernel_size: int, patch_stride: int = 1, labels=None,
+                    num_classes: int | None = None) -> dict:
+    """What ``mode`` needs from a conv's input ``x`` (``[N, H, W, C]``), as sums over its valid
+    rows: the patch moments (``stem.patch_moments``) and, for ``LABELLED_MODES``, the class map
+    sums (``discriminant.class_map_sums``). Sums over disjoint chunks of a batch add up to the
+    batch's. No gradient flows back."""
+    _check_mode(mode)
+    x = jax.lax.stop_gradient(x)
+    count, total, outer = patch_moments(x, mask, kernel_size, patch_stride)
+    sums = {"patch_count": count, "patch_sum": total, "patch_outer": outer}
+    if mode in LABELLED_MODES:
+        _require_labels(mode, labels, num_classes)
+        sums.update(class_map_sums(x, labels, mask, num_classes))
+    return sums
+
+
+def kernel_from_sums(mode: str, sums: dict, predicted_kernel, patch_stride: int = 1,
+                     residual_scale: float = RESIDUAL_SCALE, normalized_residual: bool = False):
+    """The conv's kernel from ``conv_input_sums``' output over the whole batch and the head's
+    kernel (arguments as ``data_derived_kernel``)."""
+    _check_mode(mode)
     k1, k2, c_in, c_out = predicted_kernel.shape
     if k1 != k2:
         raise ValueError(f"hyper.data_layers needs square conv kernels; got {k1}x{k2}.")
     _require_residual_mode(mode, normalized_residual)
     head = unit_filters(predicted_kernel) if normalized_residual else predicted_kernel
     m = min(c_out // 2, k1 * k2 * c_in)
+    cov = covariance_from_moments(sums["patch_count"], sums["patch_sum"], sums["patch_outer"])
     if mode == "pca_residual":
-        pca = pca_stem_kernel(x, mask, jnp.zeros_like(predicted_kernel), m, patch_stride)
-        return pca + residual_scale * head
-    if mode == "discriminant_residual":
-        _require_labels(mode, labels, num_classes)
-        directions = discriminant_patch_directions(x, labels, mask, num_classes, k1, m, patch_stride)
-        return (signed_direction_kernel(directions, jnp.zeros_like(predicted_kernel))
-                + residual_scale * head)
-    if mode == "whitened":
-        whiten = whitening_matrix(x, mask, k1, stride=patch_stride).astype(predicted_kernel.dtype)
+        directions = principal_directions(cov, m)
+    elif mode == "discriminant_residual":
+        directions = discriminant_directions(cov, scatter_from_class_map_sums(sums, k1, patch_stride), m)
+    else:  # whitened
+        whiten = regularised_inverse_sqrt(cov, WHITEN_EPS).astype(predicted_kernel.dtype)
         return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
-    raise ValueError(f"hyper.data_layers must be one of {MODES}; got {mode!r}.")
+    return signed_direction_kernel(directions, jnp.zeros_like(predicted_kernel)) + residual_scale * head
 
 
 def _same_conv(module: nn.Conv, x, kernel):
@@ -163,8 +198,7 @@ def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RES
     """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode
     (``labels`` and ``num_classes``: the batch's, for ``LABELLED_MODES``;
     ``normalized_residual``: see ``data_derived_kernel``)."""
-    if mode not in MODES or mode == "none":
-        raise ValueError(f"hyper.data_layers must be one of {MODES[1:]} to build kernels; got {mode!r}.")
+    _check_mode(mode)
     check_patch_stride(patch_stride)
     _require_residual_mode(mode, normalized_residual)  # refused before any kernel is traced
     if mode in LABELLED_MODES:  # likewise

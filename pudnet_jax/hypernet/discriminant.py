@@ -42,26 +42,40 @@ DISCRIMINANT_EPS = 0.1
 TIE_BREAK = 0.05
 
 
+def class_map_sums(x, labels, mask, num_classes: int) -> dict:
+    """What the between-class scatter needs from ``x`` (``[N, H, W, C]``), as sums over rows:
+    per class the sum of its valid rows' maps (``[K, H, W, C]``) and their count (``[K]``), and
+    the sum and count of all valid rows. Sums over disjoint chunks of a batch add up to the
+    batch's (``hypernet.chunked``). No gradient flows back (a basis, as
+    ``stem.patch_covariance``)."""
+    x = jax.lax.stop_gradient(x)
+    weights = mask.astype(x.dtype)
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=x.dtype) * weights[:, None]  # [N, K]
+    return {"class_sums": jnp.einsum("nk,nhwc->khwc", one_hot, x), "class_counts": one_hot.sum(0),
+            "map_sum": jnp.einsum("n,nhwc->hwc", weights, x), "rows": weights.sum()}
+
+
+def scatter_from_class_map_sums(sums: dict, kernel_size: int, stride: int = 1):
+    """``[D, D]`` between-class patch scatter ``S_b`` from ``class_map_sums``' output."""
+    counts = sums["class_counts"]
+    total = jnp.maximum(sums["rows"], 1.0)
+    class_maps = sums["class_sums"] / jnp.maximum(counts, 1.0)[:, None, None, None]
+    mean_map = sums["map_sum"] / total
+    patches = _patches(class_maps - mean_map[None], kernel_size, stride)  # [K, P, D]
+    patches = patches * jnp.sqrt(counts / total)[:, None, None]
+    flat = patches.reshape(-1, patches.shape[-1])
+    return jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST) / patches.shape[1]
+
+
 def between_class_patch_scatter(x, labels, mask, num_classes: int, kernel_size: int, stride: int = 1):
     """``[D, D]`` between-class scatter ``S_b`` of the ``k x k`` patches of ``x`` (``[N, H, W, C]``).
 
     Patches are linear in the map, so the patch of a class-mean map is the mean of that class's
     patches at that position: ``S_b`` weighs each class by its share of the valid rows, and
     averages over the patch positions (every ``stride``-th per axis). Rows with ``mask=False``
-    and classes without rows contribute nothing. No gradient flows back (a basis, as
-    ``stem.patch_covariance``).
+    and classes without rows contribute nothing. No gradient flows back.
     """
-    x = jax.lax.stop_gradient(x)
-    weights = mask.astype(x.dtype)
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=x.dtype) * weights[:, None]  # [N, K]
-    counts = one_hot.sum(0)
-    total = jnp.maximum(weights.sum(), 1.0)
-    class_maps = jnp.einsum("nk,nhwc->khwc", one_hot, x) / jnp.maximum(counts, 1.0)[:, None, None, None]
-    mean_map = jnp.einsum("n,nhwc->hwc", weights, x) / total
-    patches = _patches(class_maps - mean_map[None], kernel_size, stride)  # [K, P, D]
-    patches = patches * jnp.sqrt(counts / total)[:, None, None]
-    flat = patches.reshape(-1, patches.shape[-1])
-    return jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST) / patches.shape[1]
+    return scatter_from_class_map_sums(class_map_sums(x, labels, mask, num_classes), kernel_size, stride)
 
 
 def discriminant_patch_directions(x, labels, mask, num_classes: int, kernel_size: int,
@@ -75,8 +89,15 @@ def discriminant_patch_directions(x, labels, mask, num_classes: int, kernel_size
     classes; each direction's sign is fixed like the principal directions'.
     """
     total = patch_covariance(x, mask, kernel_size, stride)
-    whiten = regularised_inverse_sqrt(total, eps)
     between = between_class_patch_scatter(x, labels, mask, num_classes, kernel_size, stride)
+    return discriminant_directions(total, between, num_components, eps, tie_break)
+
+
+def discriminant_directions(total, between, num_components: int, eps: float = DISCRIMINANT_EPS,
+                            tie_break: float = TIE_BREAK):
+    """``[D, m]`` discriminant directions from the total covariance ``S_t`` and the
+    between-class scatter ``S_b`` of the patches (``discriminant_patch_directions``)."""
+    whiten = regularised_inverse_sqrt(total, eps)
     _, vectors = jnp.linalg.eigh(whiten @ (between + tie_break * total) @ whiten)  # ascending
     directions = whiten @ vectors[:, ::-1][:, :num_components]
     directions = directions / jnp.maximum(jnp.linalg.norm(directions, axis=0, keepdims=True), 1e-12)

@@ -142,23 +142,7 @@ class PudNet(nn.Module):
             set_path(params, stem.path, pca_stem_kernel(
                 images, mask, get_path(params, stem.path), self.stem_pca_components))
 
-        # One masked forward pass in train mode with momentum 0 writes the batch's exact
-        # statistics into batch_stats; its output is the target's penultimate features.
-        abstract = abstract_target_variables(self.target_name, self.num_classes, image_shape)
-        init_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["batch_stats"])
-        stats_target = get_target(self.target_name, self.num_classes, bn_momentum=0.0, parent=None)
-        if self.data_layers == "none":
-            target_features, updates = stats_target.apply(
-                {"params": params, "batch_stats": init_stats}, images, train=True, mask=mask,
-                features_only=True, mutable=["batch_stats"])
-            batch_stats = updates["batch_stats"]
-        else:
-            build_kernel = kernel_builder(self.data_layers, self.data_layers_patch_stride,
-                                          self.data_layers_residual_scale, labels, self.num_classes,
-                                          self.data_layers_normalized_residual)
-            params, target_features, batch_stats = forward_with_data_layers(
-                build_kernel, stats_target, {"params": params, "batch_stats": init_stats},
-                images, mask)
+        params, target_features, batch_stats = self.batch_norm_pass(params, images, labels, mask)
 
         dense_row = next(i for i, s in enumerate(specs) if s.kind == "dense_kernel")
         kernel, bias = self._classifier(target_features, prototypes, sketch, labels, mask,
@@ -167,6 +151,27 @@ class PudNet(nn.Module):
         set_path(params, dense_path + ("kernel",), kernel)
         set_path(params, dense_path + ("bias",), bias)
         return {"params": params, "batch_stats": batch_stats}
+
+    def batch_norm_pass(self, params, images, labels, mask):
+        """One masked forward pass of the target in train mode with momentum 0: writes the
+        batch's exact statistics into ``batch_stats`` and yields the target's penultimate
+        features; with ``data_layers`` it also builds every conv kernel on the way.
+
+        Returns ``(params, features, batch_stats)`` (``params`` with the built kernels). A method
+        of its own so that ``hypernet.chunked`` can replace it by a chunk-by-chunk pass."""
+        image_shape = tuple(self.image_shape)
+        abstract = abstract_target_variables(self.target_name, self.num_classes, image_shape)
+        init_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["batch_stats"])
+        stats_target = get_target(self.target_name, self.num_classes, bn_momentum=0.0, parent=None)
+        variables = {"params": params, "batch_stats": init_stats}
+        if self.data_layers == "none":
+            features, updates = stats_target.apply(variables, images, train=True, mask=mask,
+                                                   features_only=True, mutable=["batch_stats"])
+            return params, features, updates["batch_stats"]
+        build_kernel = kernel_builder(self.data_layers, self.data_layers_patch_stride,
+                                      self.data_layers_residual_scale, labels, self.num_classes,
+                                      self.data_layers_normalized_residual)
+        return forward_with_data_layers(build_kernel, stats_target, variables, images, mask)
 
     def _classifier(self, target_features, encoder_prototypes, sketch, labels, mask, dense_embedding):
         """Dense kernel ``[D, K]`` and bias ``[K]``, one column per class, equivariant to relabelling."""

@@ -70,7 +70,13 @@ def patch_covariance(images, mask, kernel_size: int, stride: int = 1):
     The statistics are a data-derived basis, not a function to differentiate through:
     eigenvectors' gradients blow up at nearly equal eigenvalues.
     """
-    count, total, outer = patch_moments(jax.lax.stop_gradient(images), mask, kernel_size, stride)
+    return covariance_from_moments(*patch_moments(jax.lax.stop_gradient(images), mask, kernel_size, stride))
+
+
+def covariance_from_moments(count, total, outer):
+    """``[D, D]`` covariance from ``patch_moments``' ``(count, sum, sum of outer products)``:
+    moments are sums over images, so chunks of a batch can be accumulated first
+    (``hypernet.chunked``)."""
     count = jnp.maximum(count, 1.0)
     mean = total / count
     return outer / count - jnp.outer(mean, mean)
@@ -101,7 +107,13 @@ def principal_patch_directions(images, mask, kernel_size: int, num_components: i
     Each direction's sign is fixed so that its largest-magnitude entry is positive
     (``positive_pivots``).
     """
-    _, vectors = jnp.linalg.eigh(patch_covariance(images, mask, kernel_size, stride))  # ascending eigenvalues
+    return principal_directions(patch_covariance(images, mask, kernel_size, stride), num_components)
+
+
+def principal_directions(cov, num_components: int):
+    """``[D, m]``: the top ``m`` eigenvectors of a ``[D, D]`` covariance, signs fixed by
+    ``positive_pivots``."""
+    _, vectors = jnp.linalg.eigh(cov)  # ascending eigenvalues
     return positive_pivots(vectors[:, ::-1][:, :num_components])
 
 
