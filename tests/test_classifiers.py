@@ -180,3 +180,29 @@ def test_presets_use_ridge_where_predict_sees_many_images_per_class():
     assert intra.get_config("gtsrb").data.class_rotations == 4
     assert intra.get_config("omniglot").data.class_rotations == 1
     assert inter.get_config("cifar10").data.class_rotations == 1
+
+
+@pytest.mark.parametrize("classifier", ["prototype", "ridge", "generated"])
+def test_classes_without_examples_are_never_predicted(tiny_config, classifier):
+    """A 5-class head predicted from a batch that holds examples of classes 0, 1 and 3 only
+    (class 2's rows are all masked, class 4 has none: as the inter preset's 5-way tasks in a
+    10-class head): the absent classes' bias is ABSENT_CLASS_BIAS, so no image, however far
+    from the batch, is assigned to them, while a solved classifier still tells the present
+    classes apart."""
+    from pudnet_jax.hypernet.pudnet import ABSENT_CLASS_BIAS
+
+    tiny_config.hyper.classifier = classifier
+    hyper_params = init_hyper_params(tiny_config, jax.random.key(0))
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 1, 3, 2] * 6, np.int32)
+    images = rng.normal(size=(24, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None]
+    batch = {"image": images, "label": labels, "mask": labels != 2}
+    variables = jax.jit(make_predict_fn(tiny_config, 5))(hyper_params, batch)
+    bias = np.asarray(variables["params"]["Dense_0"]["bias"])
+    np.testing.assert_array_equal(bias[[2, 4]], ABSENT_CLASS_BIAS)
+    assert np.all(np.abs(bias[[0, 1, 3]]) < 1e3), bias
+    far = np.concatenate([images, 10.0 * rng.normal(size=(24, 32, 32, 3)).astype(np.float32)])
+    predictions = np.asarray(get_target("resnet8", 5).apply(variables, far, train=False)).argmax(-1)
+    assert set(predictions.tolist()) <= {0, 1, 3}
+    if classifier != "generated":  # solved from the batch; the untrained generated one is not
+        assert len(set(predictions[:24].tolist())) > 1

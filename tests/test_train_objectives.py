@@ -15,7 +15,8 @@ import pytest
 from _run_config import small_run_config
 from pudnet_jax import parallel
 from pudnet_jax.train import make_sampler
-from pudnet_jax.train_step import create_train_state, jit_train_step, make_grad_fn, make_train_step
+from pudnet_jax.train_step import (create_train_state, jit_train_step, make_grad_fn, make_optimizer,
+                                   make_train_step)
 
 
 def test_source_loss_reaches_the_hypernetwork_trains_its_head_and_ramps_in(tiny_config):
@@ -209,6 +210,13 @@ def test_cross_source_lookahead_step(tiny_config):
 
     far, far_metrics = lookahead_step(state, batch, 100.0)
     assert abs(float(far_metrics["lookahead_loss"]) - float(odd_loss)) > 5e-2 * float(odd_loss)
+    # Where the odd tasks are scored: 100 optimiser updates along the even tasks' gradient from
+    # the parameters (not against it, not along the odd tasks' own gradient).
+    _, even_grads = grad_fn(state.params, jax.tree.map(lambda x: x[0::2], batch))
+    updates, _ = make_optimizer(config).update(even_grads, state.opt_state, state.params)
+    ahead = jax.tree.map(lambda p, u: p + 100.0 * u, state.params, updates)
+    (ahead_loss, _), _ = grad_fn(ahead, jax.tree.map(lambda x: x[1::2], batch))
+    np.testing.assert_allclose(far_metrics["lookahead_loss"], ahead_loss, rtol=1e-3)  # measured 2e-5
     np.testing.assert_allclose(far_metrics["loss"], (far_metrics["inner_loss"] + far_metrics["lookahead_loss"]) / 2,
                                rtol=1e-6)
     far_gap = optax.tree.norm(jax.tree.map(lambda a, b: a - b, far.params, plain.params))
