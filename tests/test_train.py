@@ -190,7 +190,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     assert log_a == log_b  # the resumed log has no duplicated or missing steps
 
 
-def test_train_step_compiles_once(tiny_config):
+def test_train_step_compiles_once_and_skips_a_non_finite_step(tiny_config):
     config = small_run_config(tiny_config)
     mesh = parallel.make_mesh()
     step_fn = chex.assert_max_traces(make_train_step(config, mesh), n=1)
@@ -201,6 +201,13 @@ def test_train_step_compiles_once(tiny_config):
     sampler = make_sampler(config)
     for i in range(3):  # different tasks, same shapes: no retrace
         state, _ = step(state, parallel.shard_batch(sampler.batch(i), mesh))
+    # A non-finite loss or gradient (NaN pixels in one task's support) leaves the whole state as it was,
+    # optimiser moments and step included, and says so; still the same compiled step.
+    bad = jax.tree.map(np.array, sampler.batch(3))
+    bad["support"]["image"][1, 0] = np.nan
+    after, metrics = step(state, parallel.shard_batch(bad, mesh))
+    assert float(metrics["finite"]) == 0.0
+    chex.assert_trees_all_equal(jax.device_get(after), jax.device_get(state))
 
 
 def test_meta_training_learns_on_real_data(tiny_config):
