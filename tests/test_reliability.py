@@ -249,6 +249,24 @@ def test_predictor_accepts_lists_any_size_and_more_classes_than_configured(expor
     variables = predictor.predict({"image": images, "label": batch["label"].tolist()})
     assert variables["params"]["Dense_0"]["bias"].shape == (7,)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+    # The numbers: the pixels standardised by the valid rows' per-channel statistics, then the
+    # pure predict; apply standardises new images the same way, in chunks of batch_size.
+    from pudnet_jax.models import get_target
+    from pudnet_jax.predict import preprocess_images
+
+    valid = np.arange(21) < 18  # three rows of padding hold anything
+    junk = np.array(images) * 0.0 + 1.0
+    junk[:18] = np.array(images)[:18]
+    variables = predictor.predict({"image": junk, "label": batch["label"], "mask": valid})
+    x = preprocess_images(junk, config.model.image_size, config.model.channels)
+    mean, std = x[valid].mean(axis=(0, 1, 2)), x[valid].std(axis=(0, 1, 2)) + 1e-3
+    want = make_predict_fn(config, 7)(predictor.hyper_params, {"image": (x - mean) / std,
+                                                               "label": batch["label"], "mask": valid})
+    chex.assert_trees_all_close({k: variables[k] for k in want}, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variables["preprocess"]["mean"], mean, rtol=1e-6)
+    logits = predictor.apply(variables, np.array(images)[:18], batch_size=7)
+    want_logits = get_target(config.model.target, 7).apply(want, (x[:18] - mean) / std, train=False)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="1 or 3 channels"):
         predictor.apply(variables, np.zeros((2, 28, 28, 4), np.uint8))
     with pytest.raises(ValueError, match="NaN or infinite"):
