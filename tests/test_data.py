@@ -268,6 +268,18 @@ def test_augment_crops_and_flips():
     assert all(m or np.array_equal(f, x[0]) for m, f in zip(mirrored, flips)) and any(mirrored)
     shifted = data.augment_images(x, np.random.default_rng(3), flip=False, padding=2)
     assert shifted.shape == x.shape and set(np.unique(shifted)) <= set(np.unique(x)) | {0}
+    # Every output is one 6x6 window of its own zero-padded image (a shift, not a resample or
+    # another image's), and over many draws the windows cover every offset in [0, 4]^2.
+    many = np.repeat(x, 50, 0)
+    crops = data.augment_images(many, np.random.default_rng(4), flip=False, padding=2)
+    padded = np.pad(many, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    offsets = set()
+    for i, crop in enumerate(crops):
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if np.array_equal(crop, padded[i, dy:dy + 6, dx:dx + 6])]
+        assert len(found) == 1, (i, found)
+        offsets.add(found[0])
+    assert len(offsets) == 25
 
 
 def test_class_rotations_are_new_classes_with_rotated_images():

@@ -130,13 +130,48 @@ def test_predict_is_vmappable_over_tasks(tiny_config):
 
 
 def test_ablations_build_and_predict(tiny_config):
+    """Each ablation predicts finite parameters, and does what its name says: without sketch
+    conditioning the generated kernels and BatchNorm affines do not depend on the dataset (only
+    the statistics and the solved classifier do); with it they do."""
+    first, second = _batch(10, 5, seed=0), _batch(10, 5, seed=1)
     for field, value in [("recurrent", False), ("sketch_conditioning", False),
-                         ("classifier", "generated")]:
+                         ("classifier", "generated"), ("sketch_conditioning", True)]:
         config = tiny_config.copy_and_resolve_references()
         config.hyper[field] = value
         params = init_hyper_params(config, jax.random.key(0))
-        variables = jax.jit(make_predict_fn(config))(params, _batch(10, 5))
+        predict = jax.jit(make_predict_fn(config))
+        variables, other = predict(params, first), predict(params, second)
         assert np.isfinite(np.asarray(variables["params"]["Dense_0"]["kernel"])).all()
+        if field == "sketch_conditioning":
+            body = [(a, b) for path, a, b in zip(*_paths_and_leaves(variables["params"]),
+                                                 jax.tree.leaves(other["params"]))
+                    if "Dense_0" not in path]
+            same = all(np.array_equal(a, b) for a, b in body)
+            assert same == (not value), field
+
+
+def _paths_and_leaves(tree):
+    pairs = jax.tree_util.tree_leaves_with_path(tree)
+    return [jax.tree_util.keystr(p) for p, _ in pairs], [leaf for _, leaf in pairs]
+
+
+def test_the_recurrent_cell_carries_earlier_layers_forward_and_the_ablation_does_not():
+    """LayerRecurrence: changing layer j's descriptor changes the embeddings of layers j and
+    after, never those before (a scan in forward order); IndependentLayers (recurrent=False):
+    only layer j's."""
+    from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
+
+    rng = np.random.default_rng(0)
+    descriptors = jnp.asarray(rng.normal(size=(6, 7)), jnp.float32)
+    sketch = jnp.asarray(rng.normal(size=(5,)), jnp.float32)
+    changed = descriptors.at[2].add(1.0)
+    for module, later_rows_move in ((LayerRecurrence(16), True), (IndependentLayers(16), False)):
+        variables = module.init(jax.random.key(0), descriptors, sketch)
+        a = np.asarray(module.apply(variables, descriptors, sketch))
+        b = np.asarray(module.apply(variables, changed, sketch))
+        moved = np.abs(a - b).max(axis=1) > 1e-6
+        assert list(moved[:2]) == [False, False] and moved[2], moved
+        assert all(moved[3:]) == later_rows_move and any(moved[3:]) == later_rows_move, moved
 
 
 @pytest.mark.parametrize("size", [1, 2])

@@ -344,3 +344,37 @@ def test_resume_after_a_kill_between_a_best_save_and_the_next_checkpoint(tiny_co
     results = train_and_evaluate(config, str(workdir))
     assert results["hyper_params_from"]["step"] == 4
     assert results["hyper_params_from"]["best_val_accuracy"] == pytest.approx(0.5)  # 5th validation
+
+
+def test_the_final_evaluation_scores_the_best_meta_val_step(tiny_config, tmp_path, monkeypatch):
+    """Meta-val scores 0.3, 0.9, 0.5, 0.4 at steps 1-4: the best params are step 2's train
+    state (not the last one's, nor a later step's written under the best's name), and
+    results.json scores those params on the fixed unseen tasks."""
+    from pudnet_jax import train as train_module
+    from pudnet_jax.checkpoints import restore_hyper_params
+    from pudnet_jax.evaluate import TaskEvaluator
+    from pudnet_jax.train import make_test_tasks
+
+    scores = iter([0.3, 0.9, 0.5, 0.4])
+
+    class ScriptedValidator:
+        def __init__(self, config, evaluator):
+            pass
+
+        def __call__(self, params):
+            return next(scores)
+
+    monkeypatch.setattr(train_module, "Validator", ScriptedValidator)
+    config = small_run_config(tiny_config, num_steps=4)
+    config.train.eval_every = config.train.checkpoint_every = 1
+    config.train.keep_checkpoints = 4
+    config.train.learning_rate = 1e-2  # the four steps' params must differ
+    results = train_and_evaluate(config, str(tmp_path))
+    assert results["hyper_params_from"]["step"] == 2
+    assert results["hyper_params_from"]["best_val_accuracy"] == pytest.approx(0.9)
+    best, _ = restore_hyper_params(str(tmp_path), config)
+    chex.assert_trees_all_equal(best, restore_hyper_params(str(tmp_path), config, step=2)[0])
+    last, _ = restore_hyper_params(str(tmp_path), config, step=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(last)))
+    rescored = TaskEvaluator(config).evaluate(best, make_test_tasks(config))
+    assert results["evaluation"]["per_task_predicted"] == rescored["per_task_predicted"]
