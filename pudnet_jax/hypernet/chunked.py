@@ -133,6 +133,7 @@ def chunked_batch_stats(target, params, images, mask, chunk_size: int, labels=No
                     if kind == "batch_norm":
                         out.update(_batch_norm_sums(args[0], chunk["m"]))
                     else:
+                        data_layers.check_plain_conv(module)
                         out.update(data_layers.conv_input_sums(
                             mode, args[0], chunk["m"], kernel_size,
                             settings.get("patch_stride", 1), chunk.get("y"), num_classes))

@@ -161,12 +161,18 @@ def kernel_from_sums(mode: str, sums: dict, predicted_kernel, patch_stride: int 
     return signed_direction_kernel(directions, jnp.zeros_like(predicted_kernel)) + residual_scale * head
 
 
-def _same_conv(module: nn.Conv, x, kernel):
-    """What ``module(x)`` computes with ``kernel`` in place of its own (bias-free convs only)."""
+def check_plain_conv(module: nn.Conv) -> None:
+    """Raises ``ValueError`` unless ``module`` is a plain bias-free conv (what the data layers
+    rebuild: a kernel alone, no groups or dilation)."""
     if (module.use_bias or module.feature_group_count != 1
             or module.kernel_dilation not in (None, 1, (1, 1))
             or module.input_dilation not in (None, 1, (1, 1))):
         raise ValueError(f"hyper.data_layers supports plain bias-free convs; {module.path} is not one.")
+
+
+def _same_conv(module: nn.Conv, x, kernel):
+    """What ``module(x)`` computes with ``kernel`` in place of its own (bias-free convs only)."""
+    check_plain_conv(module)
     strides = module.strides if module.strides is not None else 1
     strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
     return jax.lax.conv_general_dilated(
