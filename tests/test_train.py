@@ -134,6 +134,9 @@ def test_leave_one_source_out_validation(tiny_config):
     assert first.dataset == second.dataset == "fashion_mnist" and first.num_classes == 10
     assert len(first.predict_indices) == 10 * 5  # predict_shots per class of the whole dataset
     assert not np.array_equal(first.predict_indices, second.predict_indices)
+    # Scored as the held-out dataset is: predict from the train split, test on the whole test split.
+    assert first.support_data.split == "train" and first.test_data.split == "test"
+    assert len(first.test_indices) == len(first.test_data.labels)
     params = create_train_state(config, jax.random.key(0)).params
     accuracy = validator(params)
     assert 0.0 <= accuracy <= 1.0
