@@ -40,6 +40,14 @@ ARCHITECTURE_FIELDS = ("hyper",)
 ARCHITECTURE_MODEL_FIELDS = ("target", "image_size", "channels")
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files are there but cannot be read (truncated or missing array files)."""
+
+
+class StepNotSavedError(FileNotFoundError):
+    """A training workdir holds no train state at the requested step."""
+
+
 class ArchitectureMismatchError(ValueError):
     """A checkpoint was written for a hypernetwork of another shape than the config asks for."""
 
@@ -158,8 +166,18 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
                                 "workdir or export holding config.json.")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No config.json in {directory!r}: not a pudnet_jax workdir or export.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(upgrade_legacy_config(json.load(f)))
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; restore it from "
+                         "the run or the export it came from.") from e
+    missing = [s for s in ("model", "hyper", "data", "train")
+               if not isinstance(saved, dict) or not isinstance(saved.get(s), dict)]
+    if missing:
+        raise ValueError(f"{path} lacks the config section(s) {missing}: not a pudnet_jax config, "
+                         "or a damaged one.")
+    return ml_collections.ConfigDict(upgrade_legacy_config(saved))
 
 
 def _manager(directory: str, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -305,7 +323,7 @@ def restore_hyper_params(directory: str, config, step: int | None = None) -> tup
                 continue
             with _manager(path, 1, read_only=True) as manager:
                 if step is not None and step not in manager.all_steps():
-                    raise FileNotFoundError(f"No train state at step {step} in {directory!r}; its "
+                    raise StepNotSavedError(f"No train state at step {step} in {directory!r}; its "
                                             f"checkpoints/ holds steps {sorted(manager.all_steps())}.")
                 at = manager.latest_step() if step is None else step
                 if at is None:
@@ -326,13 +344,19 @@ def restore_hyper_params(directory: str, config, step: int | None = None) -> tup
                     jax.eval_shape(lambda: create_train_state(state_config, jax.random.key(0))))
                 state, _ = _restore_state(manager, path, at, abstract_state)
                 return state.params, {"step": at, "source": "latest" if step is None else "saved"}
+    except (ArchitectureMismatchError, StepNotSavedError):
+        raise
     except (ValueError, KeyError) as e:
-        if isinstance(e, ArchitectureMismatchError):
-            raise
         raise ArchitectureMismatchError(
             f"Could not restore the hypernetwork from {directory!r} under its config (does the "
             f"config's hyper section, model.target, model.image_size and model.channels match "
             f"the checkpoint's?): {e}") from e
+    except Exception as e:  # Orbax/TensorStore read failures: a missing or truncated array file
+        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CorruptCheckpointError(
+            f"The checkpoint in {directory!r} could not be read: an array file is missing or "
+            f"damaged ({type(e).__name__}: {first_line}). Copy the directory again from where it "
+            "came from (for the committed exports: git checkout -- checkpoints/).") from e
     raise FileNotFoundError(f"No hypernetwork checkpoint in {directory!r}: expected hyper_params/ "
                             "(an export) or best/ or checkpoints/ (a training workdir).")
 

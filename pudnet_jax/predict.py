@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pudnet_jax.hypernet import build_hypernet
+from pudnet_jax.hypernet import build_hypernet, positive_int
 from pudnet_jax.hypernet.chunked import chunked_apply
 from pudnet_jax.models import get_target
 from pudnet_jax.validation import check_dataset_batch
@@ -57,8 +57,11 @@ def make_predict_fn(config, num_classes: int | None = None,
     """
     hypernet = build_hypernet(config, num_classes)
     image_shape = tuple(hypernet.image_shape)
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive number of images or None; got {chunk_size}.")
+    if chunk_size is not None:
+        try:
+            chunk_size = positive_int("chunk_size", chunk_size)
+        except ValueError:
+            raise ValueError(f"chunk_size must be a positive number of images or None; got {chunk_size!r}.") from None
     mirror = config.hyper.get("mirror_support", False)
     if not isinstance(mirror, bool):
         raise ValueError(f"hyper.mirror_support must be True or False; got {mirror!r}.")
@@ -190,6 +193,7 @@ class Predictor:
                              f"('params', 'batch_stats', 'preprocess'); got {keys}. Variables from "
                              "make_predict_fn lack 'preprocess': apply them with the target's own "
                              "apply on standardised images.")
+        positive_int("Predictor.apply's batch_size", batch_size)
         num_classes = variables["params"]["Dense_0"]["bias"].shape[0]
         x = preprocess_images(images, self.image_size, self.channels)
         if len(x) == 0:

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from pudnet_jax import checkpoints, data, distributed, parallel, source_head
 from pudnet_jax.evaluate import TaskEvaluator
+from pudnet_jax.hypernet import build_hypernet, positive_int
 from pudnet_jax.metrics import MetricsWriter, machine_description, plot_curves
 from pudnet_jax.train_step import create_train_state, jit_train_step, make_loss_fn
 
@@ -142,9 +143,28 @@ class Validator:
         return float(np.mean([self._loss(hyper_params, b)[1]["accuracy"] for b in self.batches]))
 
 
+def check_run_config(config) -> None:
+    """Refuses, before any work, the training settings that would otherwise fail late (at the
+    first checkpoint or the final evaluation, hours in) or run silently wrong (a negative step
+    count or learning rate)."""
+    t = config.train
+    for field in ("log_every", "checkpoint_every"):  # eval_every=0 means "never"; these may not
+        if int(t[field]) < 1:
+            raise ValueError(f"train.{field} must be at least 1 (steps); got {t[field]}.")
+    if int(t.num_steps) < 0 or int(t.eval_every) < 0:
+        raise ValueError(f"train.num_steps and train.eval_every must be >= 0; got {t.num_steps} and {t.eval_every}.")
+    if not float(t.learning_rate) > 0:
+        raise ValueError(f"train.learning_rate must be positive; got {t.learning_rate}.")
+    if config.data.setting == "intra":
+        positive_int("data.num_eval_tasks", config.data.num_eval_tasks)
+    build_hypernet(config)  # the model and hyper fields (sizes, counts)
+
+
 def make_test_tasks(config):
     """The fixed evaluation tasks of the protocol (unseen classes / the unseen dataset)."""
     d = config.data
+    if d.setting == "intra":
+        positive_int("data.num_eval_tasks", d.num_eval_tasks)
     if d.setting == "intra":
         return data.make_eval_tasks("intra", d.dataset, classes="unseen", num_tasks=d.num_eval_tasks,
                                     way=d.way, predict_shots=d.predict_shots, seed=d.eval_task_seed,
@@ -222,9 +242,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       The final results dict (also written to ``workdir/results.json``), or the last metrics when
       stopped early.
     """
-    for field in ("log_every", "checkpoint_every"):  # eval_every=0 means "never"; these may not
-        if int(config.train[field]) < 1:
-            raise ValueError(f"train.{field} must be at least 1 (steps); got {config.train[field]}.")
+    check_run_config(config)
     os.makedirs(workdir, exist_ok=True)
     sampler = make_sampler(config)
     if source_head.enabled(config):

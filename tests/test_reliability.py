@@ -667,3 +667,62 @@ def test_step_counts_and_shot_counts_below_one_are_refused_up_front(config, tmp_
         assert not os.path.exists(tmp_path / field)
     with pytest.raises(ValueError, match="shots .* must be at least 1; got -1"):
         predict_dataset(str(tmp_path / "nothing"), "cifar10", -1, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "num_steps", -1, "train.num_steps and train.eval_every must be >= 0"),
+    ("train", "learning_rate", -1e-3, "train.learning_rate must be positive"),
+    ("data", "num_eval_tasks", 0, "data.num_eval_tasks must be a positive integer"),
+    ("hyper", "code_rank", 0, "hyper.code_rank must be a positive integer"),
+    ("hyper", "encoder_widths", (8, 0), "hyper.encoder_widths must be a positive integer"),
+    ("model", "image_size", 0, "model.image_size must be a positive integer"),
+])
+def test_settings_that_would_fail_late_or_run_wrong_are_refused_up_front(config, tmp_path, section,
+                                                                         field, value, message):
+    """A negative step count used to 'train' nothing and write results; no evaluation tasks, a
+    zero code rank and an image size of 0 failed only at the first checkpoint, the final
+    evaluation or deep in XLA (an image size below 1, as a hand-edited config.json can hold).
+    Each is refused before the workdir is made."""
+    bad = config.copy_and_resolve_references()
+    bad[section][field] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.train_and_evaluate(bad, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_predict_arguments_that_count_must_be_positive_integers(config, hyper_params, export):
+    for chunk_size in (8.0, "8", True, 0):
+        with pytest.raises(ValueError, match="chunk_size must be a positive number of images"):
+            make_predict_fn(config, chunk_size=chunk_size)
+    for num_classes in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            make_predict_fn(config, num_classes)
+    predictor = load_predictor(export)
+    variables = predictor.predict(_raw_batch(n=10, k=5))
+    for batch_size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            predictor.apply(variables, _raw_batch(n=3)["image"], batch_size=batch_size)
+
+
+@_ORBAX_ABANDONED_READS
+def test_damaged_exports_are_named_as_damaged(export, tmp_path):
+    """A config.json that is not JSON or lacks its sections, and a truncated or missing array
+    file, are reported as a damaged checkpoint at its path (not as a bare JSONDecodeError, a
+    TensorStore dump or an architecture mismatch)."""
+    damaged = tmp_path / "export"
+    shutil.copytree(export, damaged)
+    good_config = (damaged / "config.json").read_text()
+    (damaged / "config.json").write_text(good_config + "}garbage")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_predictor(damaged)
+    (damaged / "config.json").write_text(json.dumps({"model": {}, "hyper": {}}))
+    with pytest.raises(ValueError, match=re.escape("lacks the config section(s) ['data', 'train']")):
+        load_predictor(damaged)
+    (damaged / "config.json").write_text(good_config)
+    arrays = [p for p in glob.glob(str(damaged / "hyper_params" / "**" / "d" / "*"), recursive=True)
+              if os.path.isfile(p)]
+    largest = max(arrays, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="could not be read"):
+        load_predictor(damaged)

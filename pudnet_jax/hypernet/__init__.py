@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from pudnet_jax.hypernet.pudnet import PudNet, abstract_target_variables, target_specs
 
 __all__ = ["PudNet", "abstract_target_variables", "build_hypernet", "target_specs"]
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an ``int`` if it is a whole number >= 1 (not a bool), else ``ValueError``
+    naming ``name``: a config field or argument that counts something."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return int(value)
 
 
 def build_hypernet(config, num_classes: int | None = None) -> PudNet:
@@ -14,9 +24,19 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
     depend on the class count, so one trained hypernetwork predicts heads of any size.
     """
     model, hyper = config.model, config.hyper
+    num_classes = positive_int("num_classes" if num_classes is not None else "model.num_classes",
+                               num_classes if num_classes is not None else model.num_classes)
+    for name in ("image_size", "channels"):
+        positive_int(f"model.{name}", model[name])
+    for name in ("feature_dim", "sketch_dim", "hidden_dim", "code_rank", "max_channels"):
+        positive_int(f"hyper.{name}", hyper[name])
+    if not len(hyper.encoder_widths):
+        raise ValueError("hyper.encoder_widths must list at least one width; got ().")
+    for width in hyper.encoder_widths:
+        positive_int("hyper.encoder_widths", width)
     return PudNet(
         target_name=model.target,
-        num_classes=int(num_classes if num_classes is not None else model.num_classes),
+        num_classes=num_classes,
         image_shape=(model.image_size, model.image_size, model.channels),
         encoder_widths=tuple(hyper.encoder_widths),
         feature_dim=hyper.feature_dim,
