@@ -200,14 +200,35 @@ class Predictor:
             raise ValueError("Predictor.apply got no images (N = 0).")
         pre = variables["preprocess"]
         x = (x - np.asarray(pre["mean"])) / np.asarray(pre["std"])
+        target_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        self._check_fits_target(target_vars, num_classes)
         if ("apply", num_classes) not in self._compiled:
             target = self.target(num_classes)
             self._compiled["apply", num_classes] = jax.jit(
                 lambda v, x: target.apply(v, x, train=False))
         apply_fn = self._compiled["apply", num_classes]
-        target_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         return jnp.concatenate([apply_fn(target_vars, x[i:i + batch_size])
                                 for i in range(0, len(x), batch_size)])
+
+
+    def _check_fits_target(self, target_vars, num_classes: int) -> None:
+        """``ValueError`` naming the first tensor that does not fit this predictor's target
+        (variables predicted by another predictor: another target or input size)."""
+        if ("shapes", num_classes) not in self._compiled:  # traced once per class count
+            shape = (1, self.image_size, self.image_size, self.channels)
+            expected = jax.eval_shape(lambda: self.target(num_classes).init(
+                jax.random.key(0), jnp.zeros(shape, jnp.float32), train=False))
+            self._compiled["shapes", num_classes] = {
+                jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+        want = self._compiled["shapes", num_classes]
+        got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(target_vars)}
+        for key in sorted(set(want) | set(got)):
+            if want.get(key) != got.get(key):
+                raise ValueError(
+                    f"These variables do not fit this predictor's {self.config.model.target} "
+                    f"({self.image_size}x{self.image_size}x{self.channels} input): {key} is "
+                    f"{got.get(key, 'missing')}, expected {want.get(key, 'absent')}. Apply them "
+                    "with the Predictor that predicted them.")
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:

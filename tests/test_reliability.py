@@ -276,6 +276,13 @@ def test_predictor_accepts_lists_any_size_and_more_classes_than_configured(expor
     bare = {k: v for k, v in variables.items() if k != "preprocess"}
     with pytest.raises(ValueError, match="variables returned by Predictor.predict"):
         predictor.apply(bare, np.zeros((2, 28, 28, 1), np.uint8))
+    # Variables of another target (here: a first conv of twice the width) are named, not
+    # passed to Flax to fail deep inside.
+    widened = jax.tree.map(lambda x: x, variables)
+    kernel = widened["params"]["conv_init"]["kernel"]
+    widened["params"]["conv_init"]["kernel"] = np.concatenate([kernel, kernel], axis=-1)
+    with pytest.raises(ValueError, match=re.escape("do not fit this predictor's resnet8")):
+        predictor.apply(widened, np.zeros((2, 28, 28, 1), np.uint8))
 
 
 # ------------------------------------------------------- bad input: checkpoints and configs
