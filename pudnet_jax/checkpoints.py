@@ -344,7 +344,7 @@ def restore_hyper_params(directory: str, config, step: int | None = None) -> tup
                     jax.eval_shape(lambda: create_train_state(state_config, jax.random.key(0))))
                 state, _ = _restore_state(manager, path, at, abstract_state)
                 return state.params, {"step": at, "source": "latest" if step is None else "saved"}
-    except (ArchitectureMismatchError, StepNotSavedError):
+    except (ArchitectureMismatchError, StepNotSavedError, MemoryError):
         raise
     except (ValueError, KeyError) as e:
         raise ArchitectureMismatchError(
