@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pudnet_jax.hypernet import build_hypernet, positive_int
+from pudnet_jax.hypernet import build_hypernet
 from pudnet_jax.hypernet.chunked import chunked_apply
 from pudnet_jax.models import get_target
-from pudnet_jax.validation import check_dataset_batch
+from pudnet_jax.validation import check_dataset_batch, positive_int
 
 Variables = dict[str, Any]
 

@@ -19,9 +19,10 @@ from jax.experimental import multihost_utils
 
 from pudnet_jax import checkpoints, data, distributed, parallel, source_head
 from pudnet_jax.evaluate import TaskEvaluator
-from pudnet_jax.hypernet import build_hypernet, positive_int
+from pudnet_jax.hypernet import build_hypernet
 from pudnet_jax.metrics import MetricsWriter, machine_description, plot_curves
 from pudnet_jax.train_step import create_train_state, jit_train_step, make_loss_fn
+from pudnet_jax.validation import positive_int
 
 
 def prepare_kwargs(config) -> dict:

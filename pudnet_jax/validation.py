@@ -95,3 +95,11 @@ def check_dataset_batch(batch: Mapping, num_classes: int | None = None,
         raise ValueError(f"Classes {missing.tolist()[:10]} have no example in the batch; labels must "
                          f"cover 0..K-1 without gaps (remap them, e.g. np.unique(y, return_inverse=True)).")
     return int(num_classes or k)
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an ``int`` if it is a whole number >= 1 (not a bool), else ``ValueError``
+    naming ``name``: a config field or argument that counts something."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return int(value)

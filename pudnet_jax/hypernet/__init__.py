@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from pudnet_jax.hypernet.pudnet import PudNet, abstract_target_variables, target_specs
+from pudnet_jax.validation import positive_int
 
 __all__ = ["PudNet", "abstract_target_variables", "build_hypernet", "target_specs"]
-
-
-def positive_int(name: str, value) -> int:
-    """``value`` as an ``int`` if it is a whole number >= 1 (not a bool), else ``ValueError``
-    naming ``name``: a config field or argument that counts something."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    return int(value)
 
 
 def build_hypernet(config, num_classes: int | None = None) -> PudNet:
