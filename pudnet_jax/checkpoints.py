@@ -379,8 +379,28 @@ def export_predictor(hyper_params: Any, config, directory: str, info: dict) -> N
         checkpointer.wait_until_finished()
     with open(os.path.join(directory, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
+    # What the params were meta-trained to predict: the hypernetwork's shapes do not depend on
+    # it, so a config.json edited to another target or input would otherwise load silently.
+    info = {**info, "meta_trained_for": {f: config.model[f] for f in ARCHITECTURE_MODEL_FIELDS}}
     with open(os.path.join(directory, "info.json"), "w") as f:
         json.dump(info, f, indent=2)
+
+
+def check_meta_trained_for(directory: str, config) -> None:
+    """Raises ``ArchitectureMismatchError`` if the export in ``directory`` records (in
+    ``info.json``, since session 31) a target or input other than ``config.model``'s."""
+    info_path = os.path.join(directory, "info.json")
+    if not os.path.exists(info_path):
+        return
+    recorded = json.load(open(info_path)).get("meta_trained_for") or {}
+    changed = [f"model.{f}: meta-trained for {recorded[f]!r}, config {config.model[f]!r}"
+               for f in ARCHITECTURE_MODEL_FIELDS if f in recorded and recorded[f] != config.model[f]]
+    if changed:
+        raise ArchitectureMismatchError(
+            f"The export in {directory!r} was meta-trained to predict another network than its "
+            f"config.json describes ({'; '.join(changed)}). The hypernetwork's shapes allow it, "
+            "but its predictions would be for a network it never saw: restore config.json, or "
+            "meta-train for that target (train.init_from can warm-start from this export).")
 
 
 def load_predictor(path: str | os.PathLike):
@@ -391,5 +411,6 @@ def load_predictor(path: str | os.PathLike):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Predictor path {path!r} does not exist or is not a directory.")
     config = read_config(path)
+    check_meta_trained_for(path, config)
     params, _ = restore_hyper_params(path, config)
     return Predictor(config=config, hyper_params=params)

@@ -315,6 +315,21 @@ def test_export_of_another_architecture_is_refused(export, tmp_path, field, valu
         load_predictor(other)
 
 
+@pytest.mark.parametrize("field, value", [("target", "resnet18"), ("image_size", 64)])
+def test_export_edited_to_another_target_or_input_is_refused(export, tmp_path, field, value):
+    """The hypernetwork's parameter shapes do not depend on the target's depth or input size,
+    so a config.json edited to resnet18 used to load and predict a network the hypernetwork
+    never saw; the export records what it was meta-trained for and refuses the edit."""
+    assert json.load(open(os.path.join(export, "info.json")))["meta_trained_for"]["target"] == "resnet8"
+    other = tmp_path / "export"
+    shutil.copytree(export, other)
+    saved = json.load(open(os.path.join(export, "config.json")))
+    saved["model"][field] = value
+    (other / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(checkpoints.ArchitectureMismatchError, match=f"model.{field}: meta-trained for"):
+        load_predictor(other)
+
+
 def test_unknown_config_argument():
     from configs import intra
 
