@@ -169,9 +169,9 @@ def run_benchmark(config, checkpoint: str, output: str, *, num_baseline_tasks=No
     wall_start = time.perf_counter()
     load_start = list(os.getloadavg())
     checkpoints.check_config_matches_checkpoint(config, checkpoint)  # before any output is written
-    os.makedirs(output, exist_ok=True)
     hyper_params, info = checkpoints.restore_hyper_params(checkpoint, config)
-    tasks = make_test_tasks(config)
+    tasks = make_test_tasks(config)  # refuses bad task settings before any output is written
+    os.makedirs(output, exist_ok=True)
     n_base = min(len(tasks), int(num_baseline_tasks))
     evaluator = TaskEvaluator(config)
     target_name = config.model.target

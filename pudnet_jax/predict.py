@@ -168,9 +168,13 @@ class Predictor:
     def predict(self, dataset_batch: Mapping) -> Variables:
         """Raw ``{'image', 'label', 'mask'?}`` -> variables for a ``num_classes = max label + 1`` head."""
         num_classes = check_dataset_batch(dataset_batch)
-        images = preprocess_images(dataset_batch["image"], self.image_size, self.channels)
+        raw = np.asarray(dataset_batch["image"])
         mask = dataset_batch.get("mask")
-        valid = np.ones(len(images), bool) if mask is None else np.asarray(mask, bool)
+        valid = np.ones(len(raw), bool) if mask is None else np.asarray(mask, bool)
+        # Padding rows may hold anything, as for the pure predict: zero them before the pixel
+        # checks and the resize read them.
+        raw = np.where(valid.reshape((-1,) + (1,) * (raw.ndim - 1)), raw, np.zeros((), raw.dtype))
+        images = preprocess_images(raw, self.image_size, self.channels)
         mean = images[valid].mean(axis=(0, 1, 2))
         std = images[valid].std(axis=(0, 1, 2)) + 1e-3
         batch = {"image": (images - mean) / std,

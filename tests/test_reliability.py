@@ -254,11 +254,12 @@ def test_predictor_accepts_lists_any_size_and_more_classes_than_configured(expor
     from pudnet_jax.models import get_target
     from pudnet_jax.predict import preprocess_images
 
-    valid = np.arange(21) < 18  # three rows of padding hold anything
+    valid = np.arange(21) < 18  # three rows of padding hold anything, NaN included
     junk = np.array(images) * 0.0 + 1.0
     junk[:18] = np.array(images)[:18]
+    junk[19] = np.nan
     variables = predictor.predict({"image": junk, "label": batch["label"], "mask": valid})
-    x = preprocess_images(junk, config.model.image_size, config.model.channels)
+    x = preprocess_images(np.nan_to_num(junk), config.model.image_size, config.model.channels)
     mean, std = x[valid].mean(axis=(0, 1, 2)), x[valid].std(axis=(0, 1, 2)) + 1e-3
     want = make_predict_fn(config, 7)(predictor.hyper_params, {"image": (x - mean) / std,
                                                                "label": batch["label"], "mask": valid})
