@@ -28,13 +28,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pudnet_jax import checkpoints, train
-from pudnet_jax.evaluate import fixed_shape_chunks
+from pudnet_jax.evaluate import predictions
 from pudnet_jax.metrics import machine_description, machine_line, write_report
-from pudnet_jax.models import get_target
 from pudnet_jax.predict import make_predict_fn
 
 # Relative change of a conv filter (its norm) above which it counts as moved.
 MOVED_FILTER = 1e-2
+# Test images per compiled call of the predicted networks (the committed results used 1,000).
+PREDICT_BATCH = 1000
 
 
 def _timed(fn, *args):
@@ -42,15 +43,6 @@ def _timed(fn, *args):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return out, time.perf_counter() - start
-
-
-def _predictions(target_name, num_classes, variables, images, batch_size=1000):
-    target = get_target(target_name, num_classes)
-    logits = jax.jit(lambda v, x: target.apply(v, x, train=False))
-    out = np.empty(len(images), np.int64)
-    for start, n, chunk in fixed_shape_chunks(images, batch_size):
-        out[start:start + n] = np.asarray(logits(variables, chunk).argmax(-1))[:n]
-    return out
 
 
 def compare(plain, chunked) -> dict:
@@ -78,14 +70,14 @@ def check(checkpoint: str, chunk_sizes: list[int]) -> dict:
     for task in train.make_test_tasks(config):
         batch = task.dataset_batch()
         plain, plain_s = _timed(jax.jit(make_predict_fn(config, task.num_classes)), params, batch)
-        plain_pred = _predictions(target_name, task.num_classes, plain, task.test_images)
+        plain_pred = predictions(target_name, plain, task.test_images, PREDICT_BATCH)
         row = {"task": task.name, "predict_images": int(np.sum(batch["mask"])),
                "test_images": int(len(task.test_labels)), "plain_seconds": plain_s,
                "plain_accuracy": float(np.mean(plain_pred == task.test_labels)), "chunked": []}
         for size in chunk_sizes:
             chunked, seconds = _timed(jax.jit(make_predict_fn(config, task.num_classes, chunk_size=size)),
                                       params, batch)
-            pred = _predictions(target_name, task.num_classes, chunked, task.test_images)
+            pred = predictions(target_name, chunked, task.test_images, PREDICT_BATCH)
             row["chunked"].append({"chunk_size": size, "seconds": seconds,
                                    "accuracy": float(np.mean(pred == task.test_labels)),
                                    "agreement": float(np.mean(pred == plain_pred)),

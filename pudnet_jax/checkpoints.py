@@ -392,7 +392,8 @@ def check_meta_trained_for(directory: str, config) -> None:
     info_path = os.path.join(directory, "info.json")
     if not os.path.exists(info_path):
         return
-    recorded = json.load(open(info_path)).get("meta_trained_for") or {}
+    with open(info_path) as f:
+        recorded = json.load(f).get("meta_trained_for") or {}
     changed = [f"model.{f}: meta-trained for {recorded[f]!r}, config {config.model[f]!r}"
                for f in ARCHITECTURE_MODEL_FIELDS if f in recorded and recorded[f] != config.model[f]]
     if changed:

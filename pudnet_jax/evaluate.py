@@ -106,15 +106,21 @@ def fixed_shape_chunks(images: np.ndarray, chunk: int):
         yield start, n, x
 
 
-def accuracy(target_name: str, variables, images: np.ndarray, labels: np.ndarray,
-             batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``target.apply(variables, ., train=False)`` (chunked, fixed chunk shape)."""
+def predictions(target_name: str, variables, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Top-1 classes ``[N]`` of ``target.apply(variables, ., train=False)`` (chunked, fixed chunk
+    shape: one compile per class count and chunk size)."""
     num_classes = int(jax.tree.leaves(variables["params"]["Dense_0"]["bias"])[0].shape[0])
     logits_fn = _logits_fn(target_name, num_classes)
-    correct = 0
+    out = np.empty(len(images), np.int64)
     for start, n, chunk in fixed_shape_chunks(images, batch_size):
-        predictions = np.asarray(jnp.argmax(logits_fn(variables, chunk), -1))[:n]
-        correct += int((predictions == labels[start:start + n]).sum())
+        out[start:start + n] = np.asarray(jnp.argmax(logits_fn(variables, chunk), -1))[:n]
+    return out
+
+
+def accuracy(target_name: str, variables, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``target.apply(variables, ., train=False)`` (``predictions``)."""
+    correct = int((predictions(target_name, variables, images, batch_size) == labels).sum())
     return correct / len(images)
 
 

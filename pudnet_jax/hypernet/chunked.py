@@ -199,14 +199,9 @@ def chunked_apply(hypernet, hyper_params, images, labels, mask, chunk_size: int)
             params, pass_images, pass_labels, pass_mask = args
             settings = None
             if module.data_layers != "none":
+                settings = {**module.data_layer_settings(), "num_classes": module.num_classes}
                 # Refuses the settings the unchunked path refuses, with the same messages.
-                data_layers.kernel_builder(module.data_layers, module.data_layers_patch_stride,
-                                           module.data_layers_residual_scale, pass_labels,
-                                           module.num_classes, module.data_layers_normalized_residual)
-                settings = {"mode": module.data_layers, "num_classes": module.num_classes,
-                            "patch_stride": module.data_layers_patch_stride,
-                            "residual_scale": float(module.data_layers_residual_scale),
-                            "normalized_residual": bool(module.data_layers_normalized_residual)}
+                data_layers.kernel_builder(labels=pass_labels, **settings)
             target = get_target(module.target_name, module.num_classes, parent=None)
             state["inside"] = True
             try:

@@ -112,7 +112,6 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     sums over its rows, so a batch too large for memory can be read chunk by chunk and the sums
     added (``hypernet.chunked``).
     """
-    _check_mode(mode)
     sums = conv_input_sums(mode, x, mask, predicted_kernel.shape[0], patch_stride, labels, num_classes)
     return kernel_from_sums(mode, sums, predicted_kernel, patch_stride, residual_scale,
                             normalized_residual)

@@ -168,10 +168,16 @@ class PudNet(nn.Module):
             features, updates = stats_target.apply(variables, images, train=True, mask=mask,
                                                    features_only=True, mutable=["batch_stats"])
             return params, features, updates["batch_stats"]
-        build_kernel = kernel_builder(self.data_layers, self.data_layers_patch_stride,
-                                      self.data_layers_residual_scale, labels, self.num_classes,
-                                      self.data_layers_normalized_residual)
+        build_kernel = kernel_builder(labels=labels, num_classes=self.num_classes,
+                                      **self.data_layer_settings())
         return forward_with_data_layers(build_kernel, stats_target, variables, images, mask)
+
+    def data_layer_settings(self) -> dict:
+        """This hypernetwork's ``hyper.data_layers*`` fields as ``data_layers.kernel_builder``'s
+        keyword arguments (the batch's labels and class count aside)."""
+        return {"mode": self.data_layers, "patch_stride": self.data_layers_patch_stride,
+                "residual_scale": self.data_layers_residual_scale,
+                "normalized_residual": self.data_layers_normalized_residual}
 
     def _classifier(self, target_features, encoder_prototypes, sketch, labels, mask, dense_embedding):
         """Dense kernel ``[D, K]`` and bias ``[K]``, one column per class, equivariant to relabelling."""
