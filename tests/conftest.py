@@ -112,3 +112,16 @@ def predict_against_plain(tiny_config):
         return params, batch, got, plain_output, predict
 
     return run
+
+
+@pytest.fixture
+def chunked_apply_calls(monkeypatch):
+    """The chunk sizes predict hands to ``chunked_apply``, in call order: a test's evidence that
+    the chunked path ran (a ``chunk_size`` ignored would otherwise pass any equality check)."""
+    from pudnet_jax import predict
+    from pudnet_jax.hypernet.chunked import chunked_apply
+
+    calls = []
+    monkeypatch.setattr(predict, "chunked_apply",
+                        lambda *args: calls.append(args[-1]) or chunked_apply(*args))
+    return calls

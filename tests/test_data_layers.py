@@ -9,7 +9,6 @@ import pytest
 
 from pudnet_jax.evaluate import init_target
 from pudnet_jax.hypernet import data_layers, discriminant, stem
-from pudnet_jax.hypernet.chunked import chunked_apply
 from pudnet_jax.models import get_target
 from pudnet_jax.pca_backbone import pca_backbone
 from pudnet_jax.predict import init_hyper_params, make_predict_fn
@@ -139,7 +138,7 @@ def test_predict_with_data_layers(tiny_config, mode, patch_stride, residual_scal
 
 
 @pytest.mark.parametrize("mode", ["whitened", "pca_residual", "discriminant_residual"])
-def test_chunked_predict_builds_the_same_data_layers(tiny_config, mode, monkeypatch):
+def test_chunked_predict_builds_the_same_data_layers(tiny_config, mode, chunked_apply_calls):
     """make_predict_fn(chunk_size=...) with data layers: every conv is built from its input's
     statistics over the whole batch, read chunk by chunk (60 images in chunks of 16, the last
     one padded, 3 rows masked), so the kernels, BatchNorm statistics and classifier are the
@@ -147,17 +146,13 @@ def test_chunked_predict_builds_the_same_data_layers(tiny_config, mode, monkeypa
     skipped an earlier layer's kernel or statistics, or a leaking pad row are off by O(1).
     60 structured images keep the deepest convs' spectra apart: with 20, float order alone turns
     the labelled mode's deepest directions (see test_predict_with_data_layers)."""
-    from pudnet_jax import predict as predict_module
-
     config = tiny_config.copy_and_resolve_references()
     config.hyper.data_layers = mode
     params = init_hyper_params(config, jax.random.key(0))
     labels = (np.arange(60) % 5).astype(np.int32)
     images = _images(60, seed=6, size=32) + 0.1 * labels[:, None, None, None]
     batch = {"image": images, "label": labels, "mask": np.arange(60) < 57}
-    calls = []
-    monkeypatch.setattr(predict_module, "chunked_apply",
-                        lambda *args: calls.append(args[-1]) or chunked_apply(*args))
+    calls = chunked_apply_calls
     plain = jax.jit(make_predict_fn(config))(params, batch)
     assert not calls
     chunked = jax.jit(make_predict_fn(config, chunk_size=16))(params, batch)

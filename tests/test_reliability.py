@@ -572,17 +572,12 @@ def test_predictions_and_task_lists_are_identical_across_processes(tmp_path, fak
 
 # --------------------------------------------------------------------------------- memory
 
-def test_chunked_predict_matches_plain_predict(config, hyper_params, monkeypatch):
+def test_chunked_predict_matches_plain_predict(config, hyper_params, chunked_apply_calls):
     """chunk_size bounds memory by the chunk (encoder and BatchNorm pass run chunk by chunk);
     the result equals the plain path up to float summation order, padding rows included; a
     batch no larger than the chunk takes the plain path. (With hyper.data_layers:
     test_data_layers.test_chunked_predict_builds_the_same_data_layers.)"""
-    from pudnet_jax import predict as predict_module
-    from pudnet_jax.hypernet.chunked import chunked_apply
-
-    calls = []
-    monkeypatch.setattr(predict_module, "chunked_apply",
-                        lambda *args: calls.append(args[-1]) or chunked_apply(*args))
+    calls = chunked_apply_calls
     batch = _with(_batch(n=21), mask=np.arange(21) < 19)
     plain = jax.jit(make_predict_fn(config))(hyper_params, batch)
     chunked = jax.jit(make_predict_fn(config, chunk_size=8))(hyper_params, batch)
