@@ -34,6 +34,8 @@ from pudnet_jax.predict import make_predict_fn
 
 # Relative change of a conv filter (its norm) above which it counts as moved.
 MOVED_FILTER = 1e-2
+# Cosine between a filter and its counterpart below minus this: the filter flipped sign.
+FLIPPED_COSINE = 0.99
 # Test images per compiled call of the predicted networks (the committed results used 1,000).
 PREDICT_BATCH = 1000
 
@@ -46,8 +48,11 @@ def _timed(fn, *args):
 
 
 def compare(plain, chunked) -> dict:
-    """Largest leaf gap (relative to the leaf's largest entry) and the conv filters that moved."""
-    gaps, moved, total = [], 0, 0
+    """Largest leaf gap (relative to the leaf's largest entry), the conv filters that moved and,
+    of those, the ones that flipped sign (cosine below ``-FLIPPED_COSINE``: a data-derived
+    direction whose sign rule, ``stem.positive_pivots``, went the other way, which swaps the
+    ``+v, -v`` pair of channels)."""
+    gaps, moved, flipped, total = [], 0, 0, 0
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(chunked)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         gaps.append((float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)), jax.tree_util.keystr(path)))
@@ -55,10 +60,12 @@ def compare(plain, chunked) -> dict:
             fa, fb = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
             rel = np.linalg.norm(fa - fb, axis=0) / np.maximum(np.linalg.norm(fa, axis=0), 1e-12)
             moved += int((rel > MOVED_FILTER).sum())
+            cosine = np.sum(fa * fb, axis=0) / np.maximum(np.linalg.norm(fa, axis=0) * np.linalg.norm(fb, axis=0), 1e-12)
+            flipped += int((cosine < -FLIPPED_COSINE).sum())
             total += a.shape[-1]
     gap, where = max(gaps)
     return {"largest_leaf_gap": gap, "largest_gap_leaf": where, "conv_filters_moved": moved,
-            "conv_filters": total}
+            "conv_filters_flipped": flipped, "conv_filters": total}
 
 
 def check(checkpoint: str, chunk_sizes: list[int]) -> dict:
@@ -95,14 +102,14 @@ def markdown(result: dict) -> str:
              f"- Machine: {machine_line(result['machine'])}; wall time {result['wall_seconds']:.1f} s",
              f"- Command: `{result['command']}`", "",
              "| task | predict images | chunk | accuracy % (one pass -> chunked) | predictions agree % "
-             "| conv filters moved > 1% | largest leaf gap (leaf) | predict s (one pass / chunked) |",
+             "| conv filters moved > 1% (flipped) | largest leaf gap (leaf) | predict s (one pass / chunked) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         for c in row["chunked"]:
             lines.append(
                 f"| {row['task']} | {row['predict_images']} | {c['chunk_size']} | "
                 f"{100 * row['plain_accuracy']:.2f} -> {100 * c['accuracy']:.2f} | {100 * c['agreement']:.2f} | "
-                f"{c['conv_filters_moved']} of {c['conv_filters']} | {c['largest_leaf_gap']:.1e} "
+                f"{c['conv_filters_moved']} of {c['conv_filters']} ({c['conv_filters_flipped']}) | {c['largest_leaf_gap']:.1e} "
                 f"(`{c['largest_gap_leaf']}`) | {row['plain_seconds']:.2f} / {c['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -30,8 +30,8 @@ from pudnet_jax.validation import check_dataset_batch, positive_int
 Variables = dict[str, Any]
 
 
-def make_predict_fn(config, num_classes: int | None = None,
-                    chunk_size: int | None = None) -> Callable[[Any, Mapping], Variables]:
+def make_predict_fn(config, num_classes: int | None = None, chunk_size: int | None = None,
+                    canonical_row_order: bool = True) -> Callable[[Any, Mapping], Variables]:
     """Returns ``predict(hyper_params, dataset_batch) -> variables`` for ``config``.
 
     Args:
@@ -45,6 +45,9 @@ def make_predict_fn(config, num_classes: int | None = None,
         chunk instead of the dataset, for about ``L/2`` times the target's forward compute
         (``L`` BatchNorm layers; with ``hyper.data_layers`` about ``L``, one more sweep per
         conv). Same result up to float summation order.
+      canonical_row_order: sort the batch's rows first (``canonical_order``), so the result
+        is the same to the last bit however the caller ordered them. ``False`` only to measure
+        what row order does (``launch/row_order_check.py``).
 
     With ``config.hyper.mirror_support`` the batch is extended by the horizontal mirror image
     of every row (same label and mask) before the hypernetwork reads it: the BatchNorm
@@ -76,6 +79,8 @@ def make_predict_fn(config, num_classes: int | None = None,
         # so that no later path (encoder, BatchNorm pass, chunked pass, classifier solve) has to
         # keep NaN out of its masked sums on its own (0 * NaN is NaN).
         images = jnp.where(mask[:, None, None, None], images, 0.0)
+        if canonical_row_order:
+            images, labels, mask = canonical_order(images, labels, mask)
         if mirror:
             images, labels, mask = with_mirror_images(images, labels, mask)
         if chunk_size is not None and images.shape[0] > chunk_size:
@@ -83,6 +88,31 @@ def make_predict_fn(config, num_classes: int | None = None,
         return hypernet.apply(hyper_params, images, labels, mask)
 
     return predict
+
+
+def content_keys(images):
+    """``[N]`` float32: one number per row from its pixels alone (a fixed pseudo-random
+    projection), so equal images get equal keys wherever they sit in the batch."""
+    size = int(np.prod(images.shape[1:]))
+    # A fixed, well-spread projection (no PRNG key: it is a constant of the function, not a draw).
+    weights = jnp.sin(jnp.arange(1, size + 1, dtype=jnp.float32) * 12.9898).reshape(images.shape[1:])
+    return jnp.sum(images * weights, axis=tuple(range(1, images.ndim)))
+
+
+def canonical_order(images, labels, mask):
+    """The batch's rows sorted by (valid rows first, label, ``content_keys``).
+
+    Why: predict is a function of the *set* of examples, but float sums over the batch (encoder
+    pooling, class means, BatchNorm and patch statistics) depend on the order they are added in,
+    and the discriminant data layers amplify that: two orders of the same CIFAR-10 sample gave
+    networks agreeing on only 90% of the test images (RESULTS.md section 4). Sorting first makes
+    predict exactly invariant to how the caller ordered the rows (on a given machine and
+    ``chunk_size``; other summation orders remain, see the troubleshooting notes).
+    Rows with equal keys and labels are equal images (or a float coincidence), whose order
+    does not matter.
+    """
+    order = jnp.lexsort((content_keys(images), labels, ~mask))
+    return images[order], labels[order], mask[order]
 
 
 def with_mirror_images(images, labels, mask):

@@ -613,3 +613,37 @@ def test_results_files_say_when_the_process_was_pinned_to_fewer_cpus():
             assert machine_description()["usable_cpus"] == 1
         finally:
             os.sched_setaffinity(0, allowed)
+
+
+def test_filter_comparison_counts_moved_and_flipped_filters():
+    """launch/chunked_predict_check.compare: a filter turned by 5% moved, a negated one moved and
+    flipped (a data-derived direction whose sign rule went the other way), a 1e-4 change is
+    neither; the largest gap names its leaf."""
+    from launch.chunked_predict_check import compare
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+    other = kernel.copy()
+    other[..., 0] *= -1.0
+    other[..., 1] += 0.05 * np.linalg.norm(kernel[..., 1]) * rng.normal(size=(3, 3, 4)) / 6.0
+    other[..., 2] *= 1.0 + 1e-4
+    got = compare({"conv": {"kernel": kernel}, "bn": {"scale": np.ones(6)}},
+                  {"conv": {"kernel": other}, "bn": {"scale": np.ones(6)}})
+    assert (got["conv_filters_moved"], got["conv_filters_flipped"], got["conv_filters"]) == (2, 1, 6)
+    assert "conv" in got["largest_gap_leaf"] and got["largest_leaf_gap"] > 1.0
+
+
+@pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
+def test_row_order_check_sees_the_sort(hyper, tmp_path):
+    """launch/row_order_check.py: with predict's sort every shuffle of a task's predict sample
+    gives bitwise the same variables; without it (the diagnosis mode) the same shuffles do not,
+    and the report says both."""
+    from launch.row_order_check import check, markdown
+
+    _, _, export = _small_export(hyper, tmp_path)
+    r = check(export, num_orders=2, seed=0, num_tasks=1)
+    (row,) = r["rows"]
+    assert all(x["bitwise_equal"] and x["agreement"] == 1.0 for x in row["orders"]["sorted"]["shuffles"])
+    assert not any(x["bitwise_equal"] for x in row["orders"]["caller"]["shuffles"])
+    r["command"] = "python launch/row_order_check.py ..."
+    assert "| sorted | " in markdown(r) and "2 of 2" in markdown(r) and "0 of 2" in markdown(r)

@@ -170,6 +170,28 @@ def test_chunked_predict_builds_the_same_data_layers(tiny_config, mode, chunked_
                            head_only["params"]["ResNetBlock_2"]["Conv_1"]["kernel"], atol=1e-3)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_row_order_changes_nothing_even_where_float_order_would(tiny_config, chunk_size):
+    """The discriminant data layers amplify float summation order (near-degenerate spectra in
+    the deepest convs; RESULTS.md section 4), so predict sorts the batch's rows before summing:
+    a shuffled batch gives the same network to the last bit, one pass or chunked. Without the
+    sort (``canonical_row_order=False``) the same shuffle moves the output: the sort is what
+    this test sees, not an order-free computation."""
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.data_layers = "discriminant_residual"
+    params = init_hyper_params(config, jax.random.key(0))
+    labels = (np.arange(40) % 5).astype(np.int32)
+    images = _images(40, seed=6, size=32) + 0.1 * labels[:, None, None, None]
+    batch = {"image": images, "label": labels, "mask": np.arange(40) < 37}
+    shuffled = {k: v[np.random.default_rng(1).permutation(40)] for k, v in batch.items()}
+    predict = jax.jit(make_predict_fn(config, chunk_size=chunk_size))
+    chex.assert_trees_all_equal(predict(params, shuffled), predict(params, batch))
+    unsorted = jax.jit(make_predict_fn(config, chunk_size=chunk_size, canonical_row_order=False))
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         unsorted(params, shuffled), unsorted(params, batch))
+    assert any(jax.tree.leaves(moved))
+
+
 def test_meta_training_through_data_layers_learns(tiny_config):
     """A few Adam steps on the hypernetwork lower a held-out query loss of the predicted
     network: the gradient reaches the head through the data-derived kernels."""

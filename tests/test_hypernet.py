@@ -9,7 +9,7 @@ import pytest
 
 from pudnet_jax.hypernet import abstract_target_variables, build_hypernet
 from pudnet_jax.models import get_target
-from pudnet_jax.predict import init_hyper_params, make_predict_fn
+from pudnet_jax.predict import canonical_order, content_keys, init_hyper_params, make_predict_fn
 
 
 def _batch(n, k, seed=0, size=32):
@@ -71,13 +71,36 @@ def test_shuffling_and_masked_padding_leave_output_unchanged(tiny_config):
 
     order = np.random.default_rng(3).permutation(20)
     shuffled = {k: v[order] for k, v in batch.items()}
-    chex.assert_trees_all_close(predict(hyper_params, shuffled), reference, rtol=1e-4, atol=1e-5)
+    # Rows are sorted before any sum over the batch (predict.canonical_order): bit for bit.
+    chex.assert_trees_all_equal(predict(hyper_params, shuffled), reference)
 
     padding = _batch(7, 5, seed=9)  # garbage rows with real-looking values, masked out
     padded = {k: np.concatenate([batch[k], padding[k]]) for k in batch}
     padded["mask"][20:] = False
     padded["image"][20:] *= 100.0
     chex.assert_trees_all_close(predict(hyper_params, padded), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_canonical_order_sorts_valid_rows_by_label_then_content():
+    batch = _batch(12, 3, seed=4)
+    batch["image"] = batch["image"].astype(np.float32)  # compared bit for bit below
+    mask = np.arange(12) % 4 != 1  # rows 1, 5, 9 are padding
+    images, labels, sorted_mask = canonical_order(jnp.asarray(batch["image"]), jnp.asarray(batch["label"]),
+                                                  jnp.asarray(mask))
+    assert list(np.asarray(sorted_mask)) == [True] * 9 + [False] * 3
+    valid_labels = np.asarray(labels)[:9]
+    assert list(valid_labels) == sorted(batch["label"][mask])
+    # The rows are the same rows (each image keeps its label), only reordered.
+    order = [int(np.flatnonzero((batch["image"] == np.asarray(images)[i]).all(axis=(1, 2, 3)))[0]) for i in range(12)]
+    assert sorted(order) == list(range(12))
+    np.testing.assert_array_equal(batch["label"][order], np.asarray(labels))
+    # Within a label, by content key; a key depends on the row's pixels, not on where it sits.
+    keys = np.asarray(content_keys(images))
+    for c in range(3):
+        rows = keys[:9][valid_labels == c]
+        assert np.all(np.diff(rows) > 0)
+    flipped = np.asarray(content_keys(jnp.asarray(batch["image"][::-1])))
+    np.testing.assert_array_equal(flipped[::-1], np.asarray(content_keys(jnp.asarray(batch["image"]))))
 
 
 def test_cell_parameters_are_shared_across_depth(tiny_config):

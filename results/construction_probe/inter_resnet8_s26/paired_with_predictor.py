@@ -3,8 +3,11 @@ paired over the same 5 predict samples (evaluation task seeds 0-4). Run from the
 
   python results/construction_probe/inter_resnet8_s26/paired_with_predictor.py \
       > results/construction_probe/inter_resnet8_s26/paired_with_predictor.txt
+  python results/construction_probe/inter_resnet8_s26/paired_with_predictor.py inter_resnet8_s32 \
+      > results/construction_probe/inter_resnet8_s26/paired_with_predictor_s32.txt
 
-Predictor: `results/predict_sample_spread/inter_resnet8_s25/` (session 25, the same export).
+Predictor: `results/predict_sample_spread/<argument, default inter_resnet8_s25>/` (session 25, the
+same export; session 32's `inter_resnet8_s32` scores it with predict's rows sorted first).
 Closed form: this directory's probe of that export's config (`probe.json`, split `unseen`).
 Read after every decision it could bear on; decides nothing.
 """
@@ -21,7 +24,8 @@ sys.path.insert(0, os.path.dirname(RESULTS))
 
 from pudnet_jax.evaluate import mean_and_ci95  # noqa: E402  (Student-t, as every table)
 
-spread = json.load(open(os.path.join(RESULTS, "predict_sample_spread", "inter_resnet8_s25", "spread.json")))
+SPREAD = sys.argv[1] if len(sys.argv) > 1 else "inter_resnet8_s25"
+spread = json.load(open(os.path.join(RESULTS, "predict_sample_spread", SPREAD, "spread.json")))
 probe = json.load(open(os.path.join(HERE, "probe.json")))
 predicted = {r["eval_task_seed"]: r["predicted"] for r in spread["rows"]}
 closed = probe["splits"]["unseen"]["rows"]["discriminant"]["per_task"]
