@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE
+from pudnet_jax.hypernet.discriminant import DISCRIMINANT_EPS
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
 
 
@@ -81,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     # size relative to the data-derived filters. Off, the head's gain is free and meta-training
     # grows it until the data-derived directions are ~1% of the kernel (RESULTS.md, session 24).
     c.hyper.data_layers_normalized_residual = False
+    # discriminant_residual: whitening regulariser of the discriminant directions, relative to the
+    # mean patch-covariance eigenvalue. Larger values keep the deepest convs' directions further
+    # apart, so float summation order turns them less (results/row_order/, session 32).
+    c.hyper.data_layers_discriminant_eps = DISCRIMINANT_EPS
     # Weight of the head's predicted BatchNorm offsets: scale = 1 + w * a(h), bias = w * b(h).
     # 1 uses them as meta-trained; 0 leaves every BatchNorm at (1, 0), which with the data layers at
     # residual scale 0 is the closed-form network of pudnet_jax/pca_backbone.py (an inference dial:

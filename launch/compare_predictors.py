@@ -57,7 +57,7 @@ from pudnet_jax.metrics import machine_description
 # mirroring, the classifier read-out and its ridge strength. (encoder_downsample also qualifies; it
 # has its own flag.)
 VARIANT_FIELDS = ("data_layers", "data_layers_patch_stride", "data_layers_residual_scale",
-                  "data_layers_normalized_residual", "batchnorm_residual_scale",
+                  "data_layers_normalized_residual", "data_layers_discriminant_eps", "batchnorm_residual_scale",
                   "mirror_support", "classifier", "ridge_lambda", "encoder_downsample")
 
 

@@ -28,6 +28,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE
+from pudnet_jax.hypernet.discriminant import DISCRIMINANT_EPS
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA
 
 # The config sections that define the hypernetwork: its parameter shapes and what the parameters
@@ -66,6 +67,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
     - ``hyper.data_layers_normalized_residual`` (session 24): absent means False (free head gain).
     - ``hyper.batchnorm_residual_scale`` (session 28): absent means 1 (the predicted BatchNorm
       offsets as they are).
+    - ``hyper.data_layers_discriminant_eps`` (session 32): absent means 0.1 (the constant before).
     - ``train.source_loss_weight`` / ``source_head_learning_rate`` / ``num_source_classes``
       (session 12): absent means no source head.
     - ``train.source_head_datasets`` / ``source_head_upright_only`` (session 15): absent means
@@ -85,6 +87,7 @@ def upgrade_legacy_config(saved: dict) -> dict:
         hyper.setdefault("data_layers_residual_scale", RESIDUAL_SCALE)
         hyper.setdefault("data_layers_normalized_residual", False)
         hyper.setdefault("batchnorm_residual_scale", 1.0)
+        hyper.setdefault("data_layers_discriminant_eps", DISCRIMINANT_EPS)
     train = saved.get("train", {})
     if train:
         train.setdefault("source_loss_weight", 0.0)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pudnet_jax.hypernet.data_layers import forward_with_data_layers, kernel_builder
+from pudnet_jax.hypernet.discriminant import DISCRIMINANT_EPS
 from pudnet_jax.hypernet.stem import pca_stem_kernel
 from pudnet_jax.models import get_target
 
@@ -37,7 +38,7 @@ CONSTRUCTIONS = ("pca", "discriminant")
 
 
 def pca_backbone(target_name: str, variables, images, mask, labels=None, construction: str = "pca",
-                 patch_stride: int = 1):
+                 patch_stride: int = 1, discriminant_eps: float = DISCRIMINANT_EPS):
     """``variables`` with every conv kernel replaced by its input's principal patch directions.
 
     Conv ``l`` (forward order) with ``C`` input and ``O`` output channels, kernel ``k x k``: its
@@ -51,7 +52,8 @@ def pca_backbone(target_name: str, variables, images, mask, labels=None, constru
     ``construction='discriminant'`` takes the top ``m`` *discriminant* directions instead
     (``hypernet.discriminant``; needs ``labels`` ``[N]``, in ``[0, num_classes)``; any filters
     beyond ``2m`` are zero); ``patch_stride`` thins the patch statistics as
-    ``hyper.data_layers_patch_stride`` does.
+    ``hyper.data_layers_patch_stride`` does, and ``discriminant_eps`` regularises the
+    discriminant directions as ``hyper.data_layers_discriminant_eps`` does.
     """
     if construction not in CONSTRUCTIONS:
         raise ValueError(f"construction must be one of {CONSTRUCTIONS}; got {construction!r}.")
@@ -59,7 +61,7 @@ def pca_backbone(target_name: str, variables, images, mask, labels=None, constru
         raise ValueError("The discriminant construction needs the batch's labels.")
     num_classes = int(variables["params"]["Dense_0"]["bias"].shape[0])
     labels = jnp.zeros(len(mask), jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
-    return _pca_backbone_jit(target_name, num_classes, construction, int(patch_stride))(
+    return _pca_backbone_jit(target_name, num_classes, construction, int(patch_stride), float(discriminant_eps))(
         variables, jnp.asarray(images, jnp.float32), labels, jnp.asarray(mask, bool))
 
 
@@ -70,14 +72,16 @@ def _pca_kernel(x, mask, kernel, patch_stride: int = 1):
 
 
 @functools.lru_cache(maxsize=16)
-def _pca_backbone_jit(target_name: str, num_classes: int, construction: str, patch_stride: int):
+def _pca_backbone_jit(target_name: str, num_classes: int, construction: str, patch_stride: int,
+                      discriminant_eps: float):
     target = get_target(target_name, num_classes, bn_momentum=0.0)
 
     def run(variables, images, labels, mask):
         if construction == "pca":
             build = functools.partial(_pca_kernel, patch_stride=patch_stride)
         else:  # the discriminant_residual data layers with a zero head: directions, negatives, zeros
-            discriminant = kernel_builder("discriminant_residual", patch_stride, 0.0, labels, num_classes)
+            discriminant = kernel_builder("discriminant_residual", patch_stride, 0.0, labels, num_classes,
+                                          discriminant_eps=discriminant_eps)
 
             def build(x, mask, kernel):
                 return discriminant(x, mask, jnp.zeros_like(kernel))

@@ -79,10 +79,10 @@ def make_predict_fn(config, num_classes: int | None = None, chunk_size: int | No
         # so that no later path (encoder, BatchNorm pass, chunked pass, classifier solve) has to
         # keep NaN out of its masked sums on its own (0 * NaN is NaN).
         images = jnp.where(mask[:, None, None, None], images, 0.0)
-        if canonical_row_order:
-            images, labels, mask = canonical_order(images, labels, mask)
         if mirror:
             images, labels, mask = with_mirror_images(images, labels, mask)
+        if canonical_row_order:  # after mirroring: predict on the extended set is one function of it
+            images, labels, mask = canonical_order(images, labels, mask)
         if chunk_size is not None and images.shape[0] > chunk_size:
             return chunked_apply(hypernet, hyper_params, images, labels, mask, chunk_size)
         return hypernet.apply(hyper_params, images, labels, mask)

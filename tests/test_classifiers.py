@@ -151,6 +151,7 @@ def test_configs_saved_before_the_classifier_field_still_load(tmp_path, tiny_con
         del saved["hyper"]["data_layers_residual_scale"]  # session 21: absent means 0.25
         del saved["hyper"]["data_layers_normalized_residual"]  # session 24: absent means False
         del saved["hyper"]["batchnorm_residual_scale"]  # session 28: absent means 1
+        del saved["hyper"]["data_layers_discriminant_eps"]  # session 32: absent means 0.1
         del saved["data"]["validation_dataset"]  # session 21: absent means ''
         saved["hyper"]["prototype_classifier"] = legacy_value
         (tmp_path / "config.json").write_text(json.dumps(saved))
@@ -161,6 +162,7 @@ def test_configs_saved_before_the_classifier_field_still_load(tmp_path, tiny_con
         assert config.data.validation_dataset == "" and config.hyper.data_layers_residual_scale == 0.25
         assert config.hyper.data_layers_normalized_residual is False
         assert config.hyper.batchnorm_residual_scale == 1.0
+        assert config.hyper.data_layers_discriminant_eps == 0.1
         live = tiny_config.copy_and_resolve_references()
         live.hyper.classifier = expected
         checkpoints.check_same_architecture(saved, live, "legacy")  # no mismatch

@@ -258,6 +258,11 @@ def test_an_unknown_mode_is_refused(tiny_config):
     config.hyper.data_layers_patch_stride = 0
     with pytest.raises(ValueError, match="hyper.data_layers_patch_stride"):
         init_hyper_params(config, jax.random.key(0))
+    config.hyper.data_layers_patch_stride = 1
+    for eps in (0.0, -0.1, float("inf")):
+        config.hyper.data_layers_discriminant_eps = eps
+        with pytest.raises(ValueError, match="hyper.data_layers_discriminant_eps"):
+            init_hyper_params(config, jax.random.key(0))
 
 
 def test_random_backbone_baseline_goes_through_the_same_data_layers(tiny_config):
@@ -374,6 +379,35 @@ def test_discriminant_network_is_the_discriminant_mode_with_a_zero_head():
         data_layers.kernel_builder("discriminant_residual")
     with pytest.raises(ValueError, match="construction"):
         pca_backbone("resnet8", variables, images, mask, labels, construction="lda")
+
+
+def test_discriminant_eps_reaches_every_path_that_builds_discriminant_kernels(tiny_config):
+    """hyper.data_layers_discriminant_eps is the whitening regulariser of the discriminant
+    directions wherever they are built: predict's first conv is the data-derived kernel at that
+    eps (and not at the default), the closed-form network takes it as ``discriminant_eps``, and
+    the chunked pass uses it too."""
+    config = tiny_config.copy_and_resolve_references()
+    config.hyper.data_layers = "discriminant_residual"
+    config.hyper.data_layers_residual_scale = 0.0
+    params = init_hyper_params(config, jax.random.key(0))
+    labels = (np.arange(40) % 5).astype(np.int32)
+    images = _images(40, seed=6, size=32) + 0.1 * labels[:, None, None, None]
+    batch = {"image": images, "label": labels, "mask": np.ones(40, bool)}
+    default = jax.jit(make_predict_fn(config))(params, batch)["params"]["conv_init"]["kernel"]
+    config.hyper.data_layers_discriminant_eps = 1.0
+    wide = jax.jit(make_predict_fn(config))(params, batch)["params"]["conv_init"]["kernel"]
+    chunked = jax.jit(make_predict_fn(config, chunk_size=16))(params, batch)["params"]["conv_init"]["kernel"]
+    x, y, m = jnp.asarray(images), jnp.asarray(labels), jnp.ones(40, bool)
+    want = data_layers.data_derived_kernel("discriminant_residual", x, m, jnp.zeros((3, 3, 3, 16)),
+                                           residual_scale=0.0, labels=y, num_classes=5, discriminant_eps=1.0)
+    # Rows are sorted inside predict, so compare up to summation order.
+    np.testing.assert_allclose(wide, want, atol=1e-4)
+    np.testing.assert_allclose(chunked, want, atol=1e-4)
+    assert not np.allclose(wide, default, atol=1e-2)
+    variables = init_target("resnet8", 5, images.shape[1:], seed=0)
+    network = pca_backbone("resnet8", variables, images, np.ones(40, bool), labels, construction="discriminant",
+                           discriminant_eps=1.0)
+    np.testing.assert_allclose(network["params"]["conv_init"]["kernel"], want, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["pca_residual", "discriminant_residual"])

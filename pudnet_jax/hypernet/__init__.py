@@ -45,5 +45,6 @@ def build_hypernet(config, num_classes: int | None = None) -> PudNet:
         data_layers_patch_stride=int(hyper.data_layers_patch_stride),
         data_layers_residual_scale=float(hyper.data_layers_residual_scale),
         data_layers_normalized_residual=bool(hyper.data_layers_normalized_residual),
+        data_layers_discriminant_eps=float(hyper.data_layers_discriminant_eps),
         batchnorm_residual_scale=float(hyper.batchnorm_residual_scale),
     )

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pudnet_jax.hypernet.discriminant import (class_map_sums, discriminant_directions,
+from pudnet_jax.hypernet.discriminant import (DISCRIMINANT_EPS, class_map_sums, discriminant_directions,
                                               scatter_from_class_map_sums)
 from pudnet_jax.hypernet.head import get_path, replaced_path
 from pudnet_jax.hypernet.stem import (covariance_from_moments, patch_covariance, patch_moments,
@@ -94,7 +94,8 @@ def unit_filters(kernel):
 
 def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int = 1,
                         residual_scale: float = RESIDUAL_SCALE, labels=None,
-                        num_classes: int | None = None, normalized_residual: bool = False):
+                        num_classes: int | None = None, normalized_residual: bool = False,
+                        discriminant_eps: float = DISCRIMINANT_EPS):
     """The kernel of a conv whose input on the batch is ``x`` (``[N, H, W, C]``), given the head's.
 
     ``patch_stride`` estimates the input's patch covariance from every ``patch_stride``-th
@@ -107,6 +108,11 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     ``labels`` (``[N]`` ints in ``[0, num_classes)``) are needed by ``LABELLED_MODES`` only.
     ``normalized_residual``: the head's filters enter at unit norm (``unit_filters``), so
     ``residual_scale`` bounds the correction relative to the data-derived unit filters.
+    ``discriminant_eps``: ``'discriminant_residual'``'s whitening regulariser, relative to the
+    mean eigenvalue of the patch covariance (``discriminant.DISCRIMINANT_EPS`` unless
+    ``hyper.data_layers_discriminant_eps`` says otherwise): larger values widen the gaps between
+    the deepest convs' directions, which float summation order then turns less (RESULTS.md
+    section 4, session 32).
 
     Two stages, ``conv_input_sums`` then ``kernel_from_sums``: the first reads ``x`` and returns
     sums over its rows, so a batch too large for memory can be read chunk by chunk and the sums
@@ -114,7 +120,7 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     """
     sums = conv_input_sums(mode, x, mask, predicted_kernel.shape[0], patch_stride, labels, num_classes)
     return kernel_from_sums(mode, sums, predicted_kernel, patch_stride, residual_scale,
-                            normalized_residual)
+                            normalized_residual, discriminant_eps)
 
 
 def _check_mode(mode: str) -> None:
@@ -139,7 +145,8 @@ def conv_input_sums(mode: str, x, mask, kernel_size: int, patch_stride: int = 1,
 
 
 def kernel_from_sums(mode: str, sums: dict, predicted_kernel, patch_stride: int = 1,
-                     residual_scale: float = RESIDUAL_SCALE, normalized_residual: bool = False):
+                     residual_scale: float = RESIDUAL_SCALE, normalized_residual: bool = False,
+                     discriminant_eps: float = DISCRIMINANT_EPS):
     """The conv's kernel from ``conv_input_sums``' output over the whole batch and the head's
     kernel (arguments as ``data_derived_kernel``)."""
     _check_mode(mode)
@@ -153,7 +160,8 @@ def kernel_from_sums(mode: str, sums: dict, predicted_kernel, patch_stride: int 
     if mode == "pca_residual":
         directions = principal_directions(cov, m)
     elif mode == "discriminant_residual":
-        directions = discriminant_directions(cov, scatter_from_class_map_sums(sums, k1, patch_stride), m)
+        directions = discriminant_directions(cov, scatter_from_class_map_sums(sums, k1, patch_stride), m,
+                                             eps=discriminant_eps)
     else:  # whitened
         whiten = regularised_inverse_sqrt(cov, WHITEN_EPS).astype(predicted_kernel.dtype)
         return _from_rows(whiten @ _as_rows(predicted_kernel), predicted_kernel.shape)
@@ -191,6 +199,13 @@ def _require_residual_mode(mode: str, normalized_residual: bool) -> None:
                          f"data-derived filters; hyper.data_layers={mode!r} has none (use a *_residual mode).")
 
 
+def check_discriminant_eps(eps) -> None:
+    """Raises ``ValueError`` unless ``eps`` is a finite number > 0 (0 would let directions with
+    no variance win by a vanishing denominator)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < float(eps) < float("inf"):
+        raise ValueError(f"hyper.data_layers_discriminant_eps must be a finite number > 0; got {eps!r}.")
+
+
 def check_patch_stride(patch_stride) -> None:
     """Raises ``ValueError`` unless ``patch_stride`` is an integer >= 1."""
     if not (isinstance(patch_stride, int) and patch_stride >= 1):
@@ -199,18 +214,21 @@ def check_patch_stride(patch_stride) -> None:
 
 def kernel_builder(mode: str, patch_stride: int = 1, residual_scale: float = RESIDUAL_SCALE,
                    labels=None, num_classes: int | None = None,
-                   normalized_residual: bool = False) -> KernelBuilder:
+                   normalized_residual: bool = False,
+                   discriminant_eps: float = DISCRIMINANT_EPS) -> KernelBuilder:
     """The ``(x, mask, head_kernel) -> kernel`` function of a ``hyper.data_layers`` mode
     (``labels`` and ``num_classes``: the batch's, for ``LABELLED_MODES``;
-    ``normalized_residual``: see ``data_derived_kernel``)."""
+    ``normalized_residual``, ``discriminant_eps``: see ``data_derived_kernel``)."""
     _check_mode(mode)
     check_patch_stride(patch_stride)
+    check_discriminant_eps(discriminant_eps)
     _require_residual_mode(mode, normalized_residual)  # refused before any kernel is traced
     if mode in LABELLED_MODES:  # likewise
         _require_labels(mode, labels, num_classes)
     return functools.partial(data_derived_kernel, mode, patch_stride=patch_stride,
                              residual_scale=float(residual_scale), labels=labels,
-                             num_classes=num_classes, normalized_residual=bool(normalized_residual))
+                             num_classes=num_classes, normalized_residual=bool(normalized_residual),
+                             discriminant_eps=float(discriminant_eps))
 
 
 def forward_with_data_layers(build_kernel: KernelBuilder, target: nn.Module, variables, images, mask):

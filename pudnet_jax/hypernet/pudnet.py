@@ -28,7 +28,9 @@ import jax.numpy as jnp
 from pudnet_jax.hypernet.cell import IndependentLayers, LayerRecurrence
 from pudnet_jax.hypernet.data_layers import MODES as DATA_LAYER_MODES
 from pudnet_jax.hypernet.data_layers import RESIDUAL_SCALE as DATA_LAYERS_RESIDUAL_SCALE
-from pudnet_jax.hypernet.data_layers import check_patch_stride, forward_with_data_layers, kernel_builder
+from pudnet_jax.hypernet.data_layers import (check_discriminant_eps, check_patch_stride,
+                                             forward_with_data_layers, kernel_builder)
+from pudnet_jax.hypernet.discriminant import DISCRIMINANT_EPS as DATA_LAYERS_DISCRIMINANT_EPS
 from pudnet_jax.hypernet.encoder import SetEncoder, class_prototypes
 from pudnet_jax.hypernet.ridge import DEFAULT_RIDGE_LAMBDA, ridge_classifier
 from pudnet_jax.hypernet.stem import pca_stem_kernel
@@ -92,6 +94,8 @@ class PudNet(nn.Module):
         directions under the ``*_residual`` modes.
       data_layers_normalized_residual: the head's filters enter the ``*_residual`` modes at unit
         norm, so the scale bounds the correction relative to the data-derived filters.
+      data_layers_discriminant_eps: ``'discriminant_residual'``'s whitening regulariser
+        (``data_layers.data_derived_kernel``). No parameters.
       batchnorm_residual_scale: weight of the head's predicted BatchNorm offsets around (1, 0)
         (1: as meta-trained; 0: every BatchNorm at (1, 0)). No parameters.
     """
@@ -115,6 +119,7 @@ class PudNet(nn.Module):
     data_layers_patch_stride: int = 1
     data_layers_residual_scale: float = DATA_LAYERS_RESIDUAL_SCALE
     data_layers_normalized_residual: bool = False
+    data_layers_discriminant_eps: float = DATA_LAYERS_DISCRIMINANT_EPS
     batchnorm_residual_scale: float = 1.0
 
     @nn.compact
@@ -124,6 +129,7 @@ class PudNet(nn.Module):
         if self.data_layers not in DATA_LAYER_MODES:
             raise ValueError(f"hyper.data_layers must be one of {DATA_LAYER_MODES}; got {self.data_layers!r}.")
         check_patch_stride(self.data_layers_patch_stride)
+        check_discriminant_eps(self.data_layers_discriminant_eps)
         image_shape = tuple(self.image_shape)
         specs = target_specs(self.target_name, self.num_classes, image_shape)
         _, prototypes, _, sketch = SetEncoder(
@@ -177,7 +183,8 @@ class PudNet(nn.Module):
         keyword arguments (the batch's labels and class count aside)."""
         return {"mode": self.data_layers, "patch_stride": self.data_layers_patch_stride,
                 "residual_scale": self.data_layers_residual_scale,
-                "normalized_residual": self.data_layers_normalized_residual}
+                "normalized_residual": self.data_layers_normalized_residual,
+                "discriminant_eps": self.data_layers_discriminant_eps}
 
     def _classifier(self, target_features, encoder_prototypes, sketch, labels, mask, dense_embedding):
         """Dense kernel ``[D, K]`` and bias ``[K]``, one column per class, equivariant to relabelling."""
