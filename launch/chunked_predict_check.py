@@ -52,20 +52,35 @@ def compare(plain, chunked) -> dict:
     of those, the ones that flipped sign (cosine below ``-FLIPPED_COSINE``: a data-derived
     direction whose sign rule, ``stem.positive_pivots``, went the other way, which swaps the
     ``+v, -v`` pair of channels)."""
-    gaps, moved, flipped, total = [], 0, 0, 0
+    gaps, per_conv = [], []
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(chunked)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         gaps.append((float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)), jax.tree_util.keystr(path)))
         if a.ndim == 4:  # HWIO conv kernel: compare output filters
             fa, fb = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
             rel = np.linalg.norm(fa - fb, axis=0) / np.maximum(np.linalg.norm(fa, axis=0), 1e-12)
-            moved += int((rel > MOVED_FILTER).sum())
             cosine = np.sum(fa * fb, axis=0) / np.maximum(np.linalg.norm(fa, axis=0) * np.linalg.norm(fb, axis=0), 1e-12)
-            flipped += int((cosine < -FLIPPED_COSINE).sum())
-            total += a.shape[-1]
+            flips = cosine < -FLIPPED_COSINE
+            per_conv.append({"leaf": jax.tree_util.keystr(path), "filters": a.shape[-1],
+                             "moved": int((rel > MOVED_FILTER).sum()), "flipped": int(flips.sum()),
+                             # how far the filters that kept their sign turned (relative change)
+                             "largest_unflipped_change": float(rel[~flips].max(initial=0.0)),
+                             "smallest_pivot_margin": float(pivot_margins(fa).min())})
     gap, where = max(gaps)
-    return {"largest_leaf_gap": gap, "largest_gap_leaf": where, "conv_filters_moved": moved,
-            "conv_filters_flipped": flipped, "conv_filters": total}
+    return {"largest_leaf_gap": gap, "largest_gap_leaf": where,
+            "conv_filters_moved": sum(c["moved"] for c in per_conv),
+            "conv_filters_flipped": sum(c["flipped"] for c in per_conv),
+            "conv_filters": sum(c["filters"] for c in per_conv), "per_conv": per_conv}
+
+
+def pivot_margins(filters) -> np.ndarray:
+    """``[O]``: for each column of ``filters`` (``[D, O]``) scaled to unit norm, its largest
+    magnitude minus the largest magnitude of opposite sign: how far the filter is from a
+    tie that would flip ``stem.positive_pivots``' sign choice for a data-derived direction."""
+    unit = filters / np.maximum(np.linalg.norm(filters, axis=0, keepdims=True), 1e-12)
+    top = unit[np.argmax(np.abs(unit), axis=0), np.arange(unit.shape[1])]
+    opposite = np.where(np.sign(unit) != np.sign(top), np.abs(unit), 0.0).max(axis=0)
+    return np.abs(top) - opposite
 
 
 def check(checkpoint: str, chunk_sizes: list[int]) -> dict:

@@ -92,6 +92,20 @@ def markdown(result: dict) -> str:
                 f"{100 * min(x['agreement'] for x in s):.2f} | "
                 f"{max(x['conv_filters_moved'] for x in s)} of {s[0]['conv_filters']}; "
                 f"{max(x['conv_filters_flipped'] for x in s)} |")
+    worst = {row["task"]: min(row["orders"]["caller"]["shuffles"], key=lambda x: x["agreement"])
+             for row in result["rows"]}
+    moved = {task: w for task, w in worst.items() if w["conv_filters_moved"]}
+    if not moved:
+        return "\n".join(lines + ["", "No conv filter moved by more than 1% in any caller-order shuffle."]) + "\n"
+    lines += ["", "Per conv, for each task whose filters moved, the caller-order shuffle that agreed least with "
+              "the own order (smallest pivot margin: of the own order's filters, the closest to a sign tie, "
+              "`chunked_predict_check.pivot_margins`):", "",
+              "| task | conv kernel | filters moved > 1% | flipped | largest change of an unflipped filter "
+              "| smallest pivot margin |", "| --- | --- | --- | --- | --- | --- |"]
+    for task, shuffle in moved.items():
+        for c in shuffle["per_conv"]:
+            lines.append(f"| {task} | `{c['leaf']}` | {c['moved']} of {c['filters']} | {c['flipped']} | "
+                         f"{c['largest_unflipped_change']:.1e} | {c['smallest_pivot_margin']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -625,12 +625,24 @@ def test_filter_comparison_counts_moved_and_flipped_filters():
     kernel = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
     other = kernel.copy()
     other[..., 0] *= -1.0
-    other[..., 1] += 0.05 * np.linalg.norm(kernel[..., 1]) * rng.normal(size=(3, 3, 4)) / 6.0
+    noise = rng.normal(size=(3, 3, 4))
+    other[..., 1] += 0.05 * np.linalg.norm(kernel[..., 1]) * noise / np.linalg.norm(noise)
     other[..., 2] *= 1.0 + 1e-4
     got = compare({"conv": {"kernel": kernel}, "bn": {"scale": np.ones(6)}},
                   {"conv": {"kernel": other}, "bn": {"scale": np.ones(6)}})
     assert (got["conv_filters_moved"], got["conv_filters_flipped"], got["conv_filters"]) == (2, 1, 6)
     assert "conv" in got["largest_gap_leaf"] and got["largest_leaf_gap"] > 1.0
+    (conv,) = got["per_conv"]
+    assert conv["largest_unflipped_change"] == pytest.approx(0.05, rel=1e-3)  # filter 1, not the flipped 0
+
+
+def test_pivot_margin_is_the_distance_to_a_sign_tie():
+    from launch.chunked_predict_check import pivot_margins
+
+    filters = np.array([[0.6, 0.8, 0.1], [-0.5, 0.0, -0.7], [0.2, -0.6, 0.7]])
+    unit = filters / np.linalg.norm(filters, axis=0)
+    # column 0: 0.6 vs opposite -0.5; column 1: 0.8 vs -0.6; column 2: a tie of 0.7 and -0.7
+    np.testing.assert_allclose(pivot_margins(filters), [unit[0, 0] + unit[1, 0], unit[0, 1] + unit[2, 1], 0.0], atol=1e-12)
 
 
 @pytest.mark.skipif(not _HAVE_OMNIGLOT, reason="no omniglot.npz in the data dir")
