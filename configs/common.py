@@ -83,8 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     # grows it until the data-derived directions are ~1% of the kernel (RESULTS.md, session 24).
     c.hyper.data_layers_normalized_residual = False
     # discriminant_residual: whitening regulariser of the discriminant directions, relative to the
-    # mean patch-covariance eigenvalue. Larger values keep the deepest convs' directions further
-    # apart, so float summation order turns them less (results/row_order/, session 32).
+    # mean patch-covariance eigenvalue. Larger values damp directions of little variance; in a first
+    # closed-form measurement float summation order then moved the network less (results/row_order/).
     c.hyper.data_layers_discriminant_eps = DISCRIMINANT_EPS
     # Weight of the head's predicted BatchNorm offsets: scale = 1 + w * a(h), bias = w * b(h).
     # 1 uses them as meta-trained; 0 leaves every BatchNorm at (1, 0), which with the data layers at

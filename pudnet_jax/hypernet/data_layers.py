@@ -110,9 +110,9 @@ def data_derived_kernel(mode: str, x, mask, predicted_kernel, patch_stride: int 
     ``residual_scale`` bounds the correction relative to the data-derived unit filters.
     ``discriminant_eps``: ``'discriminant_residual'``'s whitening regulariser, relative to the
     mean eigenvalue of the patch covariance (``discriminant.DISCRIMINANT_EPS`` unless
-    ``hyper.data_layers_discriminant_eps`` says otherwise): larger values widen the gaps between
-    the deepest convs' directions, which float summation order then turns less (RESULTS.md
-    section 4, session 32).
+    ``hyper.data_layers_discriminant_eps`` says otherwise): larger values damp the directions of
+    little total variance, where float summation order moves the deepest convs' directions most
+    (a first closed-form measurement: RESULTS.md section 4, session 32).
 
     Two stages, ``conv_input_sums`` then ``kernel_from_sums``: the first reads ``x`` and returns
     sums over its rows, so a batch too large for memory can be read chunk by chunk and the sums
