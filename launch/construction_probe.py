@@ -45,11 +45,12 @@ def score(config, tasks, constructions) -> dict:
     """Per-task test accuracy of each closed-form construction, read out as predict does."""
     scores = {name: [] for name in constructions}
     target, stride = config.model.target, int(config.hyper.data_layers_patch_stride)
+    eps = float(config.hyper.data_layers_discriminant_eps)
     for i, task in enumerate(tasks):
         batch = task.dataset_batch()
         random = init_target(target, task.num_classes, task.test_images.shape[1:], random_init_seed(config, i))
         for name in constructions:
-            backbone = pca_backbone(target, random, batch["image"], batch["mask"], batch["label"], name, stride)
+            backbone = pca_backbone(target, random, batch["image"], batch["mask"], batch["label"], name, stride, eps)
             variables = baselines.solved_readout(target, backbone, batch, "ridge", config.hyper.ridge_lambda)
             scores[name].append(accuracy(target, variables, task.test_images, task.test_labels))
     return scores
@@ -67,13 +68,16 @@ def unseen_samples(config, num_samples: int) -> list:
 
 def run_probe(checkpoint: str, num_val_tasks: int, source_dataset: str, num_source_tasks: int,
               num_unseen_samples: int, constructions=CONSTRUCTIONS, command: str = "",
-              predict_shots: int | None = None) -> dict:
+              predict_shots: int | None = None, discriminant_eps: float | None = None) -> dict:
     """Scores each construction on meta-val, source and (reported only) held-out tasks;
-    ``predict_shots`` overrides the checkpoint's predict sample (images per class)."""
+    ``predict_shots`` overrides the checkpoint's predict sample (images per class) and
+    ``discriminant_eps`` its ``hyper.data_layers_discriminant_eps``."""
     start = time.perf_counter()
     config = checkpoints.read_config(checkpoint)
     if predict_shots is not None:
         config.data.predict_shots = int(predict_shots)
+    if discriminant_eps is not None:
+        config.hyper.data_layers_discriminant_eps = float(discriminant_eps)
     if config.data.setting != "inter":
         raise ValueError(f"The construction probe chooses on an inter predictor's sources; {checkpoint} "
                          f"is {config.data.setting!r}.")
@@ -84,6 +88,7 @@ def run_probe(checkpoint: str, num_val_tasks: int, source_dataset: str, num_sour
            "source_dataset": source_dataset, "held_out": config.data.held_out,
            "predict_shots": int(config.data.predict_shots), "ridge_lambda": float(config.hyper.ridge_lambda),
            "patch_stride": int(config.hyper.data_layers_patch_stride),
+           "discriminant_eps": float(config.hyper.data_layers_discriminant_eps),
            "machine": machine_description(), "splits": {}}
     for split, tasks in splits.items():
         scores = score(config, tasks, constructions)
@@ -105,7 +110,8 @@ def markdown(r: dict) -> str:
               "unseen": f"held-out {r['held_out']} (reported, not chosen on)"}
     lines = [f"Closed-form resnet8 constructions, read out as predict does (ridge, strength "
              f"{r['ridge_lambda']:g}); predict sample {r['predict_shots']} images per class; patch "
-             f"statistics every {r['patch_stride']}th position. Paired differences are to `{names[0]}`.", "",
+             f"statistics every {r['patch_stride']}th position; discriminant whitening regulariser "
+             f"{r.get('discriminant_eps', 0.1):g}. Paired differences are to `{names[0]}`.", "",
              "| construction | " + " | ".join(f"{labels[s]} % ({len(splits[s]['tasks'])} tasks)" for s in splits)
              + " | " + " | ".join(f"{labels[s]}: minus {names[0]}, pts" for s in splits) + " |",
              "| --- |" + " --- |" * (2 * len(splits))]
@@ -128,10 +134,14 @@ def main():
     parser.add_argument("--unseen_samples", type=int, default=5)
     parser.add_argument("--predict_shots", type=int, default=None,
                         help="images per class given to predict (default: the checkpoint's)")
+    parser.add_argument("--discriminant_eps", type=float, default=None,
+                        help="the discriminant construction's whitening regulariser "
+                             "(default: the checkpoint's hyper.data_layers_discriminant_eps)")
     args = parser.parse_args()
     command = "python launch/construction_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_probe(args.checkpoint, args.num_val_tasks, args.source_dataset, args.num_source_tasks,
-                       args.unseen_samples, command=command, predict_shots=args.predict_shots)
+                       args.unseen_samples, command=command, predict_shots=args.predict_shots,
+                       discriminant_eps=args.discriminant_eps)
     write_report(args.output, "probe", result, markdown(result))
 
 

@@ -556,6 +556,14 @@ def test_construction_probe_scores_closed_form_networks_read_out_as_predict(hype
     assert scores["discriminant"][1] == pytest.approx(
         accuracy("resnet8", variables, task.test_images, task.test_labels))
     assert len(scores["pca"]) == 2 and scores["pca"] != scores["discriminant"]
+    # hyper.data_layers_discriminant_eps (run_probe's discriminant_eps sets it) reaches the network.
+    wide = c.copy_and_resolve_references()
+    wide.hyper.data_layers_discriminant_eps = 1.0
+    network = pca_backbone("resnet8", random, batch["image"], batch["mask"], batch["label"], "discriminant",
+                           discriminant_eps=1.0)
+    variables = baselines.solved_readout("resnet8", network, batch, "ridge", c.hyper.ridge_lambda)
+    assert score(wide, tasks, ("discriminant",))["discriminant"][1] == pytest.approx(
+        accuracy("resnet8", variables, task.test_images, task.test_labels))
     with pytest.raises(ValueError, match="inter"):
         run_probe(export, 1, "fashion_mnist", 1, 1)
     fake = {"splits": {"meta_val": {"tasks": ["a", "b"], "rows": {
