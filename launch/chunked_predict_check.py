@@ -58,8 +58,9 @@ def compare(plain, chunked) -> dict:
         gaps.append((float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)), jax.tree_util.keystr(path)))
         if a.ndim == 4:  # HWIO conv kernel: compare output filters
             fa, fb = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-            rel = np.linalg.norm(fa - fb, axis=0) / np.maximum(np.linalg.norm(fa, axis=0), 1e-12)
-            cosine = np.sum(fa * fb, axis=0) / np.maximum(np.linalg.norm(fa, axis=0) * np.linalg.norm(fb, axis=0), 1e-12)
+            norm_a, norm_b = np.linalg.norm(fa, axis=0), np.linalg.norm(fb, axis=0)
+            rel = np.linalg.norm(fa - fb, axis=0) / np.maximum(norm_a, 1e-12)
+            cosine = np.sum(fa * fb, axis=0) / np.maximum(norm_a * norm_b, 1e-12)
             flips = cosine < -FLIPPED_COSINE
             per_conv.append({"leaf": jax.tree_util.keystr(path), "filters": a.shape[-1],
                              "moved": int((rel > MOVED_FILTER).sum()), "flipped": int(flips.sum()),

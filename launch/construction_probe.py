@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pudnet_jax import baselines, checkpoints, train
 from pudnet_jax.evaluate import accuracy, format_mean_ci, init_target, mean_and_ci95, random_init_seed
 from pudnet_jax.metrics import machine_description, machine_line, write_report
+from pudnet_jax.hypernet.discriminant import DISCRIMINANT_EPS  # probes written before the field
 from pudnet_jax.pca_backbone import CONSTRUCTIONS, pca_backbone
 
 
@@ -111,7 +112,7 @@ def markdown(r: dict) -> str:
     lines = [f"Closed-form resnet8 constructions, read out as predict does (ridge, strength "
              f"{r['ridge_lambda']:g}); predict sample {r['predict_shots']} images per class; patch "
              f"statistics every {r['patch_stride']}th position; discriminant whitening regulariser "
-             f"{r.get('discriminant_eps', 0.1):g}. Paired differences are to `{names[0]}`.", "",
+             f"{r.get('discriminant_eps', DISCRIMINANT_EPS):g}. Paired differences are to `{names[0]}`.", "",
              "| construction | " + " | ".join(f"{labels[s]} % ({len(splits[s]['tasks'])} tasks)" for s in splits)
              + " | " + " | ".join(f"{labels[s]}: minus {names[0]}, pts" for s in splits) + " |",
              "| --- |" + " --- |" * (2 * len(splits))]

@@ -104,8 +104,9 @@ def canonical_order(images, labels, mask):
 
     Why: predict is a function of the *set* of examples, but float sums over the batch (encoder
     pooling, class means, BatchNorm and patch statistics) depend on the order they are added in,
-    and the discriminant data layers amplify that: two orders of the same CIFAR-10 sample gave
-    networks agreeing on only 90% of the test images (RESULTS.md section 4). Sorting first makes
+    and the discriminant data layers amplify that: shuffles of the same CIFAR-10 sample gave
+    networks agreeing with the unshuffled one on as few as 91% of the test images (RESULTS.md
+    section 4). Sorting first makes
     predict exactly invariant to how the caller ordered the rows (on a given machine and
     ``chunk_size``; other summation orders remain, see the troubleshooting notes).
     Rows with equal keys and labels are equal images (or a float coincidence), whose order

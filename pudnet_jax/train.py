@@ -166,7 +166,6 @@ def make_test_tasks(config):
     d = config.data
     if d.setting == "intra":
         positive_int("data.num_eval_tasks", d.num_eval_tasks)
-    if d.setting == "intra":
         return data.make_eval_tasks("intra", d.dataset, classes="unseen", num_tasks=d.num_eval_tasks,
                                     way=d.way, predict_shots=d.predict_shots, seed=d.eval_task_seed,
                                     split_seed=d.split_seed, **prepare_kwargs(config))
